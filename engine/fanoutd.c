@@ -1,0 +1,232 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * fanoutd: the notification fan-out daemon. Loads the configuration,
+ * starts the embedded development broker when asked to, wires the
+ * pipeline and its channels, and runs until SIGTERM or SIGINT, after
+ * which it drains in-flight work, commits what finished and exits 0.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "config.h"
+#include "engine.h"
+#include "fanout/common.h"
+#include "kafka_mock.h"
+#include "log.h"
+#include "record.h"
+#include "version.h"
+
+static const char *const channel_providers[FO_CH_COUNT] = {
+    "[apns] or [fcm]", "[sendgrid]", "[twilio]", "[relay]"};
+
+static void usage(FILE *to) {
+  fprintf(to,
+          "usage: fanoutd [-c FILE]\n"
+          "\n"
+          "Runs the fanout notification daemon.\n"
+          "\n"
+          "  -c, --config FILE  INI configuration (see docs/config.md);\n"
+          "                     every key can be overridden by the\n"
+          "                     environment as FANOUT_<SECTION>_<KEY>\n"
+          "  -h, --help         show this help\n"
+          "  -V, --version      show the version\n");
+}
+
+static int parse_args(int argc, char **argv, const char **config) {
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i];
+
+    if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+      usage(stdout);
+      exit(0);
+    }
+    if (strcmp(a, "-V") == 0 || strcmp(a, "--version") == 0) {
+      printf("fanoutd %s\n", FO_VERSION);
+      exit(0);
+    }
+    if ((strcmp(a, "-c") == 0 || strcmp(a, "--config") == 0) &&
+        i + 1 < argc) {
+      *config = argv[++i];
+      continue;
+    }
+    fprintf(stderr, "fanoutd: unknown argument '%s'\n", a);
+    usage(stderr);
+    return FO_EINVAL;
+  }
+  return FO_OK;
+}
+
+/* Creates the channels the configuration turns on; logs the others off
+ * once, at start. */
+static int setup_channels(const fo_config *cfg, fo_engine *e,
+                          fo_channel **record_out) {
+  const char *file = fo_config_get(cfg, "record", "file");
+  const char *list = fo_config_get(cfg, "record", "channels");
+  int rc;
+
+  if (fo_config_has_section(cfg, "record") && file != NULL) {
+    rc = fo_record_new(file, record_out);
+    if (rc != FO_OK) {
+      fo_log_error("fanoutd", "cannot open the record file",
+                   "file=\"%s\" error=\"%s\"", file, strerror(errno));
+      return rc;
+    }
+  }
+
+  for (int k = 0; k < FO_CH_COUNT; k++) {
+    const char *name = fo_channel_name((fo_channel_kind)k);
+    bool recorded = false;
+
+    if (*record_out != NULL && list != NULL) {
+      char buf[128];
+
+      snprintf(buf, sizeof(buf), "%s", list);
+      for (char *save = NULL, *t = strtok_r(buf, ",", &save); t != NULL;
+           t = strtok_r(NULL, ",", &save)) {
+        while (*t == ' ')
+          t++;
+        if (strncmp(t, name, strlen(name)) == 0 &&
+            (t[strlen(name)] == '\0' || t[strlen(name)] == ' '))
+          recorded = true;
+      }
+    }
+    if (recorded) {
+      fo_engine_set_channel(e, (fo_channel_kind)k, *record_out);
+      fo_log_info("fanoutd", "channel records to a file (development sink)",
+                  "channel=%s file=\"%s\"", name, file);
+    } else {
+      fo_log_info("fanoutd", "channel off: no provider configured",
+                  "channel=%s needs=\"%s\"", name, channel_providers[k]);
+    }
+  }
+  return FO_OK;
+}
+
+static int start_embedded(const fo_config *cfg, fo_kmock **mock) {
+  const char *topics[4];
+  const char *file = fo_config_get(cfg, "kafka", "bootstrap_file");
+  char err[512];
+  int rc;
+
+  topics[0] = fo_config_get(cfg, "kafka", "topic");
+  topics[1] = fo_config_get(cfg, "kafka", "dlq_topic");
+  topics[2] = fo_config_get(cfg, "kafka", "chat_topic");
+  topics[3] = NULL;
+  rc = fo_kmock_start(topics,
+                      (int)fo_config_get_int(cfg, "kafka",
+                                             "embedded_partitions"),
+                      mock, err, sizeof(err));
+  if (rc != FO_OK) {
+    fo_log_error("fanoutd", "embedded kafka failed", "error=\"%s\"", err);
+    return rc;
+  }
+  if (fo_kmock_write_bootstrap(*mock, file) != FO_OK) {
+    fo_log_error("fanoutd", "cannot write the bootstrap file",
+                 "file=\"%s\" error=\"%s\"", file, strerror(errno));
+    return FO_EIO;
+  }
+  fo_log_info("fanoutd",
+              "embedded kafka started (development only; production sets "
+              "kafka.brokers)",
+              "bootstrap=%s file=\"%s\"", fo_kmock_bootstraps(*mock), file);
+  return FO_OK;
+}
+
+/* Waits for a stop signal, logging the summary on its interval. */
+static int wait_for_signal(fo_engine *e, int64_t summary_s) {
+  sigset_t set;
+
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  for (;;) {
+    struct timespec ts = {.tv_sec = summary_s > 0 ? summary_s : 3600};
+    int sig = sigtimedwait(&set, NULL, &ts);
+
+    if (sig == SIGTERM || sig == SIGINT)
+      return sig;
+    if (sig < 0 && errno == EAGAIN && summary_s > 0)
+      fo_engine_log_summary(e);
+  }
+}
+
+int main(int argc, char **argv) {
+  const char *path = NULL;
+  fo_config *cfg = NULL;
+  fo_kmock *mock = NULL;
+  fo_engine *e = NULL;
+  fo_channel *record = NULL;
+  fo_log_level level;
+  sigset_t set;
+  char err[512];
+  const char *brokers;
+  int rc, sig, exit_code = 1;
+
+  if (parse_args(argc, argv, &path) != FO_OK)
+    return 2;
+  if (fo_config_load(path, NULL, &cfg, err, sizeof(err)) != FO_OK) {
+    fprintf(stderr, "fanoutd: %s\n", err);
+    return 1;
+  }
+  if (fo_log_level_parse(fo_config_get(cfg, "log", "level"), &level) ==
+      FO_OK)
+    fo_log_set_level(level);
+
+  /* Signals are taken by the main thread only, with sigtimedwait, so
+   * every thread started from here on must inherit this mask. */
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, NULL);
+  signal(SIGPIPE, SIG_IGN);
+
+  fo_log_info("fanoutd", "starting", "version=%s config=\"%s\"", FO_VERSION,
+              path != NULL ? path : "(defaults)");
+  brokers = fo_config_get(cfg, "kafka", "brokers");
+  if (strcmp(brokers, "embedded") == 0) {
+    if (start_embedded(cfg, &mock) != FO_OK)
+      goto out;
+    brokers = fo_kmock_bootstraps(mock);
+  }
+
+  if (fo_engine_new(cfg, brokers, &e, err, sizeof(err)) != FO_OK) {
+    fo_log_error("fanoutd", "cannot build the pipeline", "error=\"%s\"",
+                 err);
+    goto out;
+  }
+  if (setup_channels(cfg, e, &record) != FO_OK)
+    goto out;
+  if (fo_engine_start(e) != FO_OK)
+    goto out;
+  fo_log_info("fanoutd", "running", "brokers=%s group=%s topic=%s", brokers,
+              fo_config_get(cfg, "kafka", "group"),
+              fo_config_get(cfg, "kafka", "topic"));
+
+  sig = wait_for_signal(e, fo_config_get_int(cfg, "engine",
+                                             "summary_interval_s"));
+  fo_log_info("fanoutd", "stopping: draining in-flight work", "signal=%s",
+              sig == SIGTERM ? "TERM" : "INT");
+  rc = fo_engine_stop(e, (int)fo_config_get_int(cfg, "engine",
+                                                "drain_timeout_ms"));
+  fo_engine_log_summary(e);
+  if (rc == FO_OK)
+    fo_log_info("fanoutd", "stopped: all work finished and committed",
+                "%s", "");
+  else
+    fo_log_warn("fanoutd",
+                "stopped before all work finished; the rest is replayed "
+                "after restart", "%s", "");
+  exit_code = 0;
+
+out:
+  fo_engine_free(e);
+  if (record != NULL)
+    record->ops->destroy(record->self);
+  fo_kmock_stop(mock);
+  fo_config_free(cfg);
+  return exit_code;
+}

@@ -1,0 +1,400 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Integration test support: real processes, real Kafka protocol.
+ */
+#include "itest.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <librdkafka/rdkafka.h>
+
+extern char **environ;
+
+static int64_t now_ms(void) {
+  struct timespec ts;
+
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms) {
+  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000};
+
+  nanosleep(&ts, NULL);
+}
+
+static const char *build_dir(void) {
+  const char *b = getenv("FANOUT_TEST_BUILD");
+
+  return b != NULL ? b : "build/test";
+}
+
+const char *itest_bin(const char *name) {
+  static __thread char path[PATH_MAX];
+
+  snprintf(path, sizeof(path), "%s/%s", build_dir(), name);
+  return path;
+}
+
+int itest_tmpdir(const char *name, char *out, size_t cap) {
+  char cmd[PATH_MAX + 16];
+
+  snprintf(out, cap, "%s/itest-work/%s-%d", build_dir(), name,
+           (int)getpid());
+  snprintf(cmd, sizeof(cmd), "rm -rf '%s'", out);
+  if (system(cmd) != 0)
+    return -1;
+  snprintf(cmd, sizeof(cmd), "mkdir -p '%s/var'", out);
+  return system(cmd) == 0 ? 0 : -1;
+}
+
+int itest_spawn(itest_proc *p, const char *dir, const char *name,
+                char *const argv[], char *const env[]) {
+  pid_t pid;
+
+  snprintf(p->dir, sizeof(p->dir), "%s", dir);
+  snprintf(p->log, sizeof(p->log), "%s/%s.log", dir, name);
+  pid = fork();
+  if (pid < 0)
+    return -1;
+  if (pid == 0) {
+    int fd = open(p->log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+
+    if (fd < 0 || chdir(dir) != 0)
+      _exit(127);
+    dup2(fd, 1);
+    dup2(fd, 2);
+    for (size_t i = 0; env != NULL && env[i] != NULL; i++)
+      putenv(env[i]);
+    /* Leaks in a process killed on purpose are not findings. */
+    setenv("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0", 0);
+    execv(argv[0], argv);
+    _exit(127);
+  }
+  p->pid = pid;
+  return 0;
+}
+
+bool itest_alive(itest_proc *p) {
+  int st;
+
+  if (p->pid <= 0)
+    return false;
+  if (waitpid(p->pid, &st, WNOHANG) == p->pid) {
+    p->pid = -1;
+    return false;
+  }
+  return true;
+}
+
+int itest_stop(itest_proc *p, int sig, int timeout_ms) {
+  int64_t deadline = now_ms() + timeout_ms;
+  int st;
+
+  if (p->pid <= 0)
+    return -1;
+  kill(p->pid, sig);
+  while (now_ms() < deadline) {
+    pid_t r = waitpid(p->pid, &st, WNOHANG);
+
+    if (r == p->pid) {
+      p->pid = -1;
+      return st;
+    }
+    sleep_ms(20);
+  }
+  kill(p->pid, SIGKILL);
+  waitpid(p->pid, &st, 0);
+  p->pid = -1;
+  return -1;
+}
+
+char *itest_slurp(const char *path, size_t *len) {
+  FILE *f = fopen(path, "rb");
+  char *buf = NULL;
+  size_t cap = 0, n = 0;
+
+  if (f == NULL)
+    return NULL;
+  for (;;) {
+    if (n + 4096 + 1 > cap) {
+      char *nb;
+
+      cap = cap ? cap * 2 : 8192;
+      nb = realloc(buf, cap);
+      if (nb == NULL) {
+        free(buf);
+        fclose(f);
+        return NULL;
+      }
+      buf = nb;
+    }
+    size_t r = fread(buf + n, 1, 4096, f);
+
+    n += r;
+    if (r == 0)
+      break;
+  }
+  fclose(f);
+  buf[n] = '\0';
+  if (len != NULL)
+    *len = n;
+  return buf;
+}
+
+int itest_wait_file(const char *path, int timeout_ms) {
+  int64_t deadline = now_ms() + timeout_ms;
+  struct stat st;
+
+  while (now_ms() < deadline) {
+    if (stat(path, &st) == 0 && st.st_size > 0)
+      return 0;
+    sleep_ms(20);
+  }
+  return -1;
+}
+
+int itest_wait_log(itest_proc *p, const char *needle, int timeout_ms) {
+  int64_t deadline = now_ms() + timeout_ms;
+
+  while (now_ms() < deadline) {
+    char *s = itest_slurp(p->log, NULL);
+    bool found = s != NULL && strstr(s, needle) != NULL;
+
+    free(s);
+    if (found)
+      return 0;
+    sleep_ms(50);
+  }
+  return -1;
+}
+
+size_t itest_count_lines(const char *path, const char *needle) {
+  char *s = itest_slurp(path, NULL);
+  size_t n = 0;
+  char *save = NULL;
+
+  if (s == NULL)
+    return 0;
+  for (char *l = strtok_r(s, "\n", &save); l != NULL;
+       l = strtok_r(NULL, "\n", &save))
+    if (needle == NULL || strstr(l, needle) != NULL)
+      n++;
+  free(s);
+  return n;
+}
+
+int itest_start_broker(itest_proc *p, const char *dir, int partitions,
+                       char *bootstrap, size_t cap) {
+  char parts[16], file[600];
+  char *argv[] = {(char *)itest_bin("fanout-devbroker"), "-p", parts, "-f",
+                  "var/kafka.bootstrap", NULL};
+  char *s;
+
+  snprintf(parts, sizeof(parts), "%d", partitions);
+  snprintf(file, sizeof(file), "%s/var/kafka.bootstrap", dir);
+  unlink(file);
+  if (itest_spawn(p, dir, "devbroker", argv, NULL) != 0)
+    return -1;
+  if (itest_wait_file(file, 10000) != 0)
+    return -1;
+  s = itest_slurp(file, NULL);
+  if (s == NULL)
+    return -1;
+  s[strcspn(s, "\n")] = '\0';
+  snprintf(bootstrap, cap, "%s", s);
+  free(s);
+  return 0;
+}
+
+int itest_write_config(const char *dir, const char *brokers,
+                       const char *extra) {
+  char path[600];
+  FILE *f;
+
+  snprintf(path, sizeof(path), "%s/fanout.ini", dir);
+  f = fopen(path, "w");
+  if (f == NULL)
+    return -1;
+  fprintf(f,
+          "[log]\nlevel = info\n"
+          "[kafka]\nbrokers = %s\nsession_timeout_ms = 3000\n"
+          "embedded_partitions = 4\n"
+          "[engine]\ncommit_interval_ms = 100\nsummary_interval_s = 1\n"
+          "drain_timeout_ms = 10000\n"
+          "[admin]\ntoken = test-admin-token-0123456789\n"
+          "[relay]\njwt_secret = test-jwt-secret-0123456789\n"
+          "[record]\nfile = deliveries.jsonl\n"
+          "%s\n",
+          brokers, extra != NULL ? extra : "");
+  return fclose(f) == 0 ? 0 : -1;
+}
+
+int itest_start_fanoutd(itest_proc *p, const char *dir, char *const env[],
+                        int timeout_ms) {
+  char *argv[] = {(char *)itest_bin("fanoutd"), "-c", "fanout.ini", NULL};
+
+  if (itest_spawn(p, dir, "fanoutd", argv, env) != 0)
+    return -1;
+  return itest_wait_log(p, "partitions assigned", timeout_ms);
+}
+
+static void dr_count(rd_kafka_t *rk, const rd_kafka_message_t *m,
+                     void *opaque) {
+  size_t *left = opaque;
+
+  (void)rk;
+  if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR)
+    (*left)--;
+}
+
+int itest_produce(const char *bootstrap, const char *topic,
+                  const char *const *values, size_t n) {
+  rd_kafka_conf_t *conf = rd_kafka_conf_new();
+  char err[256];
+  size_t left = n;
+  rd_kafka_t *rk;
+  int64_t deadline;
+
+  rd_kafka_conf_set(conf, "bootstrap.servers", bootstrap, err, sizeof(err));
+  rd_kafka_conf_set(conf, "linger.ms", "5", err, sizeof(err));
+  rd_kafka_conf_set_dr_msg_cb(conf, dr_count);
+  rd_kafka_conf_set_opaque(conf, &left);
+  rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof(err));
+  if (rk == NULL)
+    return -1;
+  for (size_t i = 0; i < n; i++) {
+    while (rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(topic),
+                             RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+                             RD_KAFKA_V_VALUE((void *)values[i],
+                                              strlen(values[i])),
+                             RD_KAFKA_V_END) ==
+           RD_KAFKA_RESP_ERR__QUEUE_FULL)
+      rd_kafka_poll(rk, 10);
+    rd_kafka_poll(rk, 0);
+  }
+  deadline = now_ms() + 30000;
+  while (left > 0 && now_ms() < deadline)
+    rd_kafka_poll(rk, 50);
+  rd_kafka_destroy(rk);
+  return left == 0 ? 0 : -1;
+}
+
+static rd_kafka_t *plain_consumer(const char *bootstrap, const char *group) {
+  rd_kafka_conf_t *conf = rd_kafka_conf_new();
+  char err[256];
+  rd_kafka_t *rk;
+
+  rd_kafka_conf_set(conf, "bootstrap.servers", bootstrap, err, sizeof(err));
+  rd_kafka_conf_set(conf, "group.id", group, err, sizeof(err));
+  rd_kafka_conf_set(conf, "enable.auto.commit", "false", err, sizeof(err));
+  rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof(err));
+  return rk;
+}
+
+size_t itest_consume(const char *bootstrap, const char *topic, size_t want,
+                     int timeout_ms, itest_msg **out) {
+  rd_kafka_t *rk = plain_consumer(bootstrap, "itest-reader");
+  const rd_kafka_metadata_t *md = NULL;
+  rd_kafka_topic_partition_list_t *list;
+  rd_kafka_topic_t *t;
+  itest_msg *msgs = calloc(want + 1, sizeof(*msgs));
+  int64_t deadline = now_ms() + timeout_ms;
+  size_t got = 0;
+
+  *out = msgs;
+  if (rk == NULL || msgs == NULL)
+    return 0;
+
+  /* Read every partition from the start, outside any group. */
+  t = rd_kafka_topic_new(rk, topic, NULL);
+  list = rd_kafka_topic_partition_list_new(8);
+  if (rd_kafka_metadata(rk, 0, t, &md, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR &&
+      md->topic_cnt == 1) {
+    for (int i = 0; i < md->topics[0].partition_cnt; i++)
+      rd_kafka_topic_partition_list_add(list, topic,
+                                        md->topics[0].partitions[i].id)
+          ->offset = RD_KAFKA_OFFSET_BEGINNING;
+  }
+  if (md != NULL)
+    rd_kafka_metadata_destroy(md);
+  rd_kafka_topic_destroy(t);
+  rd_kafka_assign(rk, list);
+  rd_kafka_topic_partition_list_destroy(list);
+
+  while (got < want && now_ms() < deadline) {
+    rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
+    rd_kafka_headers_t *hdrs = NULL;
+    char hbuf[2048] = "";
+
+    if (m == NULL)
+      continue;
+    if (m->err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+      rd_kafka_message_destroy(m);
+      continue;
+    }
+    if (rd_kafka_message_headers(m, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+      const char *name;
+      const void *val;
+      size_t vlen, used = 0;
+
+      for (size_t i = 0;
+           rd_kafka_header_get_all(hdrs, i, &name, &val, &vlen) ==
+           RD_KAFKA_RESP_ERR_NO_ERROR;
+           i++)
+        used += (size_t)snprintf(hbuf + used, sizeof(hbuf) - used,
+                                 "%s=%.*s\n", name, (int)vlen,
+                                 (const char *)val);
+    }
+    msgs[got].value = malloc(m->len + 1);
+    memcpy(msgs[got].value, m->payload, m->len);
+    msgs[got].value[m->len] = '\0';
+    msgs[got].len = m->len;
+    msgs[got].headers = strdup(hbuf);
+    got++;
+    rd_kafka_message_destroy(m);
+  }
+  rd_kafka_consumer_close(rk);
+  rd_kafka_destroy(rk);
+  return got;
+}
+
+void itest_msgs_free(itest_msg *m, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    free(m[i].value);
+    free(m[i].headers);
+  }
+  free(m);
+}
+
+int64_t itest_committed(const char *bootstrap, const char *group,
+                        const char *topic) {
+  rd_kafka_t *rk = plain_consumer(bootstrap, group);
+  rd_kafka_topic_partition_list_t *list;
+  int64_t sum = 0;
+
+  if (rk == NULL)
+    return -1;
+  list = rd_kafka_topic_partition_list_new(64);
+  for (int p = 0; p < 64; p++)
+    rd_kafka_topic_partition_list_add(list, topic, p);
+  if (rd_kafka_committed(rk, list, 5000) != RD_KAFKA_RESP_ERR_NO_ERROR)
+    sum = -1;
+  for (int i = 0; sum >= 0 && i < list->cnt; i++)
+    if (list->elems[i].err == RD_KAFKA_RESP_ERR_NO_ERROR &&
+        list->elems[i].offset > 0)
+      sum += list->elems[i].offset;
+  rd_kafka_topic_partition_list_destroy(list);
+  rd_kafka_destroy(rk);
+  return sum;
+}

@@ -1,0 +1,99 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Support for integration tests: start fanoutd and the development broker
+ * as real processes in a private working folder, produce and consume
+ * through the real Kafka protocol, and read what the record channel
+ * wrote.
+ */
+#ifndef FO_ITEST_H
+#define FO_ITEST_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* A process started by a test, with its own working folder. */
+typedef struct itest_proc {
+  pid_t pid;
+  char dir[512];               /* its working folder */
+  char log[600];               /* its stdout and stderr */
+} itest_proc;
+
+/* Makes a fresh folder under the test build tree; returns 0 or -1. */
+int itest_tmpdir(const char *name, char *out, size_t cap);
+
+/* Path of a binary of the build under test ($FANOUT_TEST_BUILD). */
+const char *itest_bin(const char *name);
+
+/*
+ * Starts `argv[0]` (a path) in `dir` with the current environment plus
+ * `env` (NULL-terminated "K=V" list, may be NULL), output to dir/NAME.log.
+ */
+int itest_spawn(itest_proc *p, const char *dir, const char *name,
+                char *const argv[], char *const env[]);
+
+/* Sends `sig` and waits up to `timeout_ms`; returns the exit status as
+ * from waitpid, or -1 on timeout (the process is then killed). */
+int itest_stop(itest_proc *p, int sig, int timeout_ms);
+
+/* True while the process runs. */
+bool itest_alive(itest_proc *p);
+
+/* Waits until `path` exists and is not empty; 0, or -1 on timeout. */
+int itest_wait_file(const char *path, int timeout_ms);
+
+/* Reads a whole file into a NUL-terminated buffer (free()); NULL if
+ * none. */
+char *itest_slurp(const char *path, size_t *len);
+
+/* Waits until the process's log contains `needle`; 0 or -1. */
+int itest_wait_log(itest_proc *p, const char *needle, int timeout_ms);
+
+/* Number of lines of `path` that contain `needle` (all if NULL). */
+size_t itest_count_lines(const char *path, const char *needle);
+
+/* Starts the development broker in `dir`; its address lands in
+ * dir/var/kafka.bootstrap and in `bootstrap`. */
+int itest_start_broker(itest_proc *p, const char *dir, int partitions,
+                       char *bootstrap, size_t cap);
+
+/*
+ * Writes dir/fanout.ini with the given extra INI text appended to a base
+ * that sets the test secrets, a record file at dir/deliveries.jsonl and
+ * short Kafka timeouts; `brokers` is "embedded" or an address.
+ */
+int itest_write_config(const char *dir, const char *brokers,
+                       const char *extra);
+
+/* Starts fanoutd with dir/fanout.ini and the extra environment `env`
+ * (may be NULL), and waits until it has joined its consumer group (the
+ * "partitions assigned" log line). */
+int itest_start_fanoutd(itest_proc *p, const char *dir, char *const env[],
+                        int timeout_ms);
+
+/* Produces `n` messages to `topic`, waiting for every acknowledgement. */
+int itest_produce(const char *bootstrap, const char *topic,
+                  const char *const *values, size_t n);
+
+/* A consumed message, with its headers as "name=value" lines. */
+typedef struct itest_msg {
+  char *value;
+  size_t len;
+  char *headers;
+} itest_msg;
+
+/*
+ * Reads `topic` from the beginning until `want` messages arrived or the
+ * timeout passed; returns how many it got (array in *out, free with
+ * itest_msgs_free).
+ */
+size_t itest_consume(const char *bootstrap, const char *topic, size_t want,
+                     int timeout_ms, itest_msg **out);
+void itest_msgs_free(itest_msg *m, size_t n);
+
+/* The committed offset sum of `group` on `topic` (all partitions). */
+int64_t itest_committed(const char *bootstrap, const char *group,
+                        const char *topic);
+
+#endif /* FO_ITEST_H */
