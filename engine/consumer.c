@@ -274,6 +274,8 @@ static void dead_letter_free(dead_letter *dl) {
   free(dl);
 }
 
+/* Known limitation: the source message's own headers are not copied to
+ * the dead letter; its key and value are. */
 static int dead_letter_send(fo_consumer *c, dead_letter *dl) {
   char part[16], off[24];
   rd_kafka_resp_err_t err;

@@ -260,7 +260,9 @@ static inflight *heap_pop_locked(fo_dispatch *d) {
   return top;
 }
 
-/* Queues `f` for another attempt; false when it cannot be retried. */
+/* Queues `f` for another attempt; false when it cannot be retried.
+ * Known limitation: a waiting retry is held in memory and keeps its
+ * partition's commit point back until it finishes. */
 static bool schedule_retry(fo_dispatch *d, inflight *f, const fo_outcome *o) {
   const fo_event *ev = f->d.event;
   int64_t delay;
