@@ -10,7 +10,8 @@
 # tree without sanitizers (for valgrind).
 
 CC      ?= cc
-PKGS    := rdkafka jansson inih
+PKGS    := rdkafka jansson inih libpq hiredis libmicrohttpd icu-uc icu-i18n \
+           libcrypto
 WERROR  ?= 1
 SANITIZE ?= 1
 
@@ -27,6 +28,7 @@ PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -Iinclude -Iengine -Ichannels \
                  -Iprefs -Itests/support $(WARN) $(PKG_CFLAGS)
 LIBS          := $(PKG_LIBS) -lpthread -lm
+TEST_LIBS     := $(shell pkg-config --libs cmocka libcurl 2>/dev/null)
 
 # Release tree.
 B        := build
@@ -85,12 +87,12 @@ $(T)/fanout-devbroker: $(T)/obj/engine/devbroker.o $(LIB_T)
 
 $(T)/tests/%: $(T)/obj/tests/unit/%.o $(TSUPPORT:%.c=$(T)/obj/%.o) $(LIB_T)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_T) -o $@ $^ $(LIBS) $(shell pkg-config --libs cmocka)
+	$(CC) $(CFLAGS_T) -o $@ $^ $(LIBS) $(TEST_LIBS)
 
 $(T)/itests/%: $(T)/obj/tests/integration/%.o \
                $(TSUPPORT:%.c=$(T)/obj/%.o) $(LIB_T)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_T) -o $@ $^ $(LIBS) $(shell pkg-config --libs cmocka)
+	$(CC) $(CFLAGS_T) -o $@ $^ $(LIBS) $(TEST_LIBS)
 
 $(B)/bench/%: $(B)/obj/bench/%/main.o $(LIB_R)
 	@mkdir -p $(dir $@)

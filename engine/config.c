@@ -85,8 +85,8 @@ static const struct fo_cfg_key fo_cfg_kafka[] = {
 };
 
 static const struct fo_cfg_key fo_cfg_engine[] = {
-    FO_CFG_INT("queue_items", "100000", 1, 100000000),
-    FO_CFG_INT("queue_events", "10000", 1, 10000000),
+    FO_CFG_INT("queue_items", "1000000", 1, 100000000),
+    FO_CFG_INT("queue_events", "4096", 1, 10000000),
     FO_CFG_INT("workers", "2", 1, 64),
     FO_CFG_INT("commit_interval_ms", "1000", 10, 60000),
     FO_CFG_INT("drain_timeout_ms", "10000", 0, 600000),

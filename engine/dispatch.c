@@ -25,6 +25,8 @@
 typedef struct inflight {
   fo_delivery d;
   int64_t due_ms;               /* monotonic, while waiting for a retry */
+  bool gate_seen;               /* the policy stage has decided on it */
+  bool gate_passed;             /* ... and said send */
 } inflight;
 
 typedef struct chan_metrics {
@@ -40,6 +42,8 @@ struct fo_dispatch {
   fo_dispatch_conf conf;
   fo_channel *channels[FO_CH_COUNT];
   chan_metrics m[FO_CH_COUNT];
+  fo_gate gate;
+  bool has_gate;
 
   pthread_t *threads;
   int started;
@@ -135,6 +139,10 @@ fo_dispatch *fo_dispatch_new(fo_queue *q, const fo_dispatch_conf *conf) {
 
   d->q = q;
   d->conf = *conf;
+  if (conf->gate != NULL) {
+    d->gate = *conf->gate;
+    d->has_gate = true;
+  }
   d->rng = (uint64_t)fo_now_us() * 0x9E3779B97F4A7C15ull | 1;
   pthread_mutex_init(&d->lock, NULL);
   cond_init_monotonic(&d->retry_cond);
@@ -176,7 +184,11 @@ int64_t fo_dispatch_backoff_ms(int64_t base_ms, int64_t max_ms,
 static void item_finished(fo_dispatch *d, fo_event *ev, bool abandoned) {
   if (abandoned)
     atomic_store(&ev->abandoned, true);
-  if (atomic_fetch_sub(&ev->pending, 1) == 1)
+  if (atomic_fetch_sub(&ev->pending, 1) != 1)
+    return;
+  if (ev->done_fn != NULL)
+    ev->done_fn(ev, !atomic_load(&ev->abandoned), ev->done_arg);
+  else
     d->conf.on_done(ev, !atomic_load(&ev->abandoned), d->conf.done_arg);
 }
 
@@ -194,6 +206,8 @@ static void count_released(fo_dispatch *d) {
 static void inflight_release(fo_dispatch *d, inflight *f, bool abandoned) {
   fo_event *ev = (fo_event *)f->d.event;
 
+  if (f->gate_seen && d->gate.release != NULL)
+    d->gate.release(d->gate.self, &f->d);
   free(f);
   item_finished(d, ev, abandoned);
   count_released(d);
@@ -220,6 +234,8 @@ static void record_final(fo_dispatch *d, inflight *f, const fo_outcome *o) {
                                            : o->reason,
          f->d.attempt, o->provider_id);
 
+  if (f->gate_seen && d->gate.final != NULL)
+    d->gate.final(d->gate.self, &f->d, o);
   if (d->conf.on_outcome != NULL)
     d->conf.on_outcome(&f->d, o, d->conf.outcome_arg);
 }
@@ -331,19 +347,11 @@ static void complete_here(inflight *f, fo_status status,
 }
 
 /* Hands `f` to its channel, waiting while the channel is full. */
-static void submit(fo_dispatch *d, inflight *f) {
+static void send(fo_dispatch *d, inflight *f) {
   fo_channel *ch = d->channels[f->d.channel];
   int rc;
 
-  if (ch == NULL) {
-    complete_here(f, FO_STATUS_SUPPRESSED, FO_SUP_CHANNEL_OFF, NULL);
-    return;
-  }
-  if (fo_wall_ms() >= f->d.event->expires_ms) {
-    complete_here(f, FO_STATUS_SUPPRESSED, FO_SUP_EXPIRED, NULL);
-    return;
-  }
-
+  f->d.attempt++;
   f->d.submitted_us = fo_now_us();
   while ((rc = ch->ops->submit(ch->self, &f->d)) == FO_EFULL) {
     if (atomic_load(&d->closed)) {
@@ -361,7 +369,57 @@ static void submit(fo_dispatch *d, inflight *f) {
   }
 }
 
-static void start_item(fo_dispatch *d, const fo_work *w) {
+/* Takes a batch to its channels: what needs no decision ends here, the
+ * rest goes through the policy stage (when there is one) in one call. */
+static void route(fo_dispatch *d, inflight **fs, size_t n) {
+  fo_delivery *ask[BATCH];
+  inflight *asked[BATCH];
+  fo_verdict verdicts[BATCH];
+  size_t m = 0;
+  int64_t now = fo_wall_ms();
+
+  for (size_t i = 0; i < n; i++) {
+    inflight *f = fs[i];
+
+    if (d->channels[f->d.channel] == NULL)
+      complete_here(f, FO_STATUS_SUPPRESSED, FO_SUP_CHANNEL_OFF, NULL);
+    else if (now >= f->d.event->expires_ms)
+      complete_here(f, FO_STATUS_SUPPRESSED, FO_SUP_EXPIRED, NULL);
+    else if (!d->has_gate || f->gate_passed)
+      send(d, f);
+    else {
+      f->gate_seen = true;
+      ask[m] = &f->d;
+      asked[m++] = f;
+    }
+  }
+  if (m == 0)
+    return;
+
+  d->gate.check(d->gate.self, ask, m, verdicts);
+  for (size_t i = 0; i < m; i++) {
+    inflight *f = asked[i];
+    fo_verdict *v = &verdicts[i];
+
+    switch (v->kind) {
+    case FO_VERDICT_SEND:
+      f->gate_passed = true;
+      send(d, f);
+      break;
+    case FO_VERDICT_FINAL:
+      fo_delivery_complete(&f->d, &v->outcome);
+      break;
+    case FO_VERDICT_RETRY:
+      v->outcome.status = FO_STATUS_FAILED;
+      v->outcome.retryable = true;
+      v->outcome.retry_after_ms = v->retry_after_ms;
+      fo_delivery_complete(&f->d, &v->outcome);
+      break;
+    }
+  }
+}
+
+static inflight *new_inflight(fo_dispatch *d, const fo_work *w) {
   inflight *f = malloc(sizeof(*f));
   fo_event *ev = w->event;
 
@@ -374,22 +432,23 @@ static void start_item(fo_dispatch *d, const fo_work *w) {
               "event=\"%s\"", ev->id);
     item_finished(d, ev, true);
     count_released(d);
-    return;
+    return NULL;
   }
   memset(f, 0, sizeof(*f));
   f->d.event = ev;
   f->d.user = ev->to[w->user];
   f->d.channel = w->channel;
-  f->d.attempt = 1;
   f->d.engine = d;
   fo_histogram_observe_us(d->m[w->channel].dispatch_lat,
                           fo_now_us() - ev->consumed_us);
-  submit(d, f);
+  return f;
 }
 
 static void *worker_main(void *arg) {
   fo_dispatch *d = arg;
   fo_work batch[BATCH];
+  inflight *fs[BATCH];
+  size_t m;
 
   while (!atomic_load(&d->closed)) {
     size_t n = fo_queue_pop_many(d->q, batch, BATCH, POP_WAIT_MS);
@@ -403,8 +462,14 @@ static void *worker_main(void *arg) {
     /* Counted before the first submit, so a drain never sees an empty
      * queue and nothing in flight while this batch is in hand. */
     atomic_fetch_add(&d->in_flight, n);
-    for (size_t i = 0; i < n; i++)
-      start_item(d, &batch[i]);
+    m = 0;
+    for (size_t i = 0; i < n; i++) {
+      inflight *f = new_inflight(d, &batch[i]);
+
+      if (f != NULL)
+        fs[m++] = f;
+    }
+    route(d, fs, m);
   }
 
   if (atomic_fetch_sub(&d->workers_running, 1) == 1)
@@ -424,8 +489,7 @@ static void *retry_main(void *arg) {
       inflight *f = heap_pop_locked(d);
 
       pthread_mutex_unlock(&d->lock);
-      f->d.attempt++;
-      submit(d, f);
+      route(d, &f, 1);
       pthread_mutex_lock(&d->lock);
       continue;
     }

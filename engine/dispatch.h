@@ -26,9 +26,42 @@ typedef struct fo_dispatch fo_dispatch;
  */
 typedef void (*fo_dispatch_done_fn)(fo_event *ev, bool finished, void *arg);
 
+/* An event may name its own done callback (ev->done_fn), which then
+ * replaces the dispatcher's for that event; see fo_event. */
+
 /* Called for every final outcome, before the event's done callback. */
 typedef void (*fo_dispatch_outcome_fn)(const fo_delivery *d,
                                        const fo_outcome *o, void *arg);
+
+/* What the policy stage decides about one delivery before it is sent. */
+typedef enum fo_verdict_kind {
+  FO_VERDICT_SEND = 0,          /* hand it to its channel */
+  FO_VERDICT_FINAL,             /* end it with `outcome` */
+  FO_VERDICT_RETRY              /* decide again after `retry_after_ms` */
+} fo_verdict_kind;
+
+typedef struct fo_verdict {
+  fo_verdict_kind kind;
+  fo_outcome outcome;           /* with FO_VERDICT_FINAL */
+  int64_t retry_after_ms;       /* with FO_VERDICT_RETRY */
+} fo_verdict;
+
+/*
+ * The policy stage, seen from the dispatcher. check() decides a batch of
+ * deliveries at once (so that shared state costs one round trip per
+ * batch), from a worker or the retry thread; it may set d->recipient and
+ * d->gate_flags. final() sees every final outcome of a delivery that
+ * check() has seen, from any thread. release() is called once when a
+ * delivery that check() has seen is freed, final or given up, so the gate
+ * can drop what it attached.
+ */
+typedef struct fo_gate {
+  void (*check)(void *self, fo_delivery *const *ds, size_t n,
+                fo_verdict *out);
+  void (*final)(void *self, const fo_delivery *d, const fo_outcome *o);
+  void (*release)(void *self, fo_delivery *d);
+  void *self;
+} fo_gate;
 
 typedef struct fo_dispatch_conf {
   int workers;                  /* threads popping the queue, >= 1 */
@@ -38,6 +71,7 @@ typedef struct fo_dispatch_conf {
   void *done_arg;
   fo_dispatch_outcome_fn on_outcome;  /* optional */
   void *outcome_arg;
+  const fo_gate *gate;          /* optional; copied */
 } fo_dispatch_conf;
 
 typedef struct fo_dispatch_stats {

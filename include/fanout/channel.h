@@ -65,6 +65,7 @@ typedef struct fo_outcome {
 } fo_outcome;
 
 typedef struct fo_delivery fo_delivery;
+struct fo_recipient;
 
 /*
  * One delivery in flight. The dispatcher owns it; a channel may read
@@ -79,6 +80,12 @@ struct fo_delivery {
   int64_t submitted_us;          /* monotonic, when submit() was called */
   void *engine;                  /* dispatcher's own; channels ignore it */
   void *channel_ctx;             /* free for the channel's use */
+
+  /* The user's addresses and preferences as the policy stage saw them
+   * (prefs/store.h); NULL when fanoutd runs without a user store. Valid
+   * until the delivery completes. */
+  const struct fo_recipient *recipient;
+  unsigned gate_flags;           /* the policy stage's own */
 };
 
 typedef struct fo_channel_ops {

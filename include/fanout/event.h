@@ -8,6 +8,7 @@
 #define FANOUT_EVENT_H
 
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -68,6 +69,10 @@ typedef struct fo_event {
   atomic_bool abandoned;    /* some item was given up at shutdown */
   void *origin;             /* who to tell when all work is done */
   int64_t origin_seq;       /* e.g. the Kafka offset */
+  /* When set, called instead of the dispatcher's done callback. */
+  void (*done_fn)(struct fo_event *ev, bool finished, void *arg);
+  void *done_arg;
+  bool released;            /* taken out of deferral: skip quiet hours */
 } fo_event;
 
 /* Why an event was refused; the names are the dead-letter reasons. */

@@ -145,8 +145,8 @@ static void test_defaults(void **state) {
   assert_int_equal(fo_config_get_int(c, "kafka", "embedded_partitions"), 4);
   assert_int_equal(fo_config_get_int(c, "kafka", "max_event_bytes"),
                    1048576);
-  assert_int_equal(fo_config_get_int(c, "engine", "queue_items"), 100000);
-  assert_int_equal(fo_config_get_int(c, "engine", "queue_events"), 10000);
+  assert_int_equal(fo_config_get_int(c, "engine", "queue_items"), 1000000);
+  assert_int_equal(fo_config_get_int(c, "engine", "queue_events"), 4096);
   assert_int_equal(fo_config_get_int(c, "engine", "workers"), 2);
   assert_int_equal(fo_config_get_int(c, "engine", "commit_interval_ms"),
                    1000);
