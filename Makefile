@@ -25,8 +25,11 @@ endif
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
-CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -Iinclude -Iengine -Ichannels \
-                 -Iprefs -Itests/support $(WARN) $(PKG_CFLAGS)
+# Project headers are found with quotes only (-iquote), so that a module
+# named like a system header (prefs/limits.h) never hides <limits.h>.
+CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -Iinclude -iquote engine \
+                 -iquote channels -iquote prefs -iquote tests/support \
+                 $(WARN) $(PKG_CFLAGS)
 LIBS          := $(PKG_LIBS) -lpthread -lm
 TEST_LIBS     := $(shell pkg-config --libs cmocka libcurl 2>/dev/null)
 

@@ -2,8 +2,9 @@
 /*
  * Record channel. Each line is written with a single write(2) on a file
  * opened with O_APPEND, so lines from several threads (or from a fanoutd
- * that is killed and restarted) never mix, and a line is either whole or
- * absent.
+ * that is killed and restarted) never mix. Known limitation: a write cut
+ * short by a full disk leaves a partial line, and the retry appends the
+ * whole line after it.
  */
 #include "record.h"
 
@@ -27,7 +28,9 @@ typedef struct record {
   atomic_bool closed;
 } record;
 
-static int write_line(record *r, const fo_delivery *d, uint64_t seq) {
+/* Writes one line; on FO_EIO, *err holds the errno of the write. */
+static int write_line(record *r, const fo_delivery *d, uint64_t seq,
+                      int *err) {
   const fo_event *ev = d->event;
   json_t *o;
   char *line;
@@ -54,8 +57,10 @@ static int write_line(record *r, const fo_delivery *d, uint64_t seq) {
   do {
     w = write(r->fd, line, n + 1);
   } while (w < 0 && errno == EINTR);
-  if (w != (ssize_t)(n + 1))
+  if (w != (ssize_t)(n + 1)) {
+    *err = w < 0 ? errno : ENOSPC;
     rc = FO_EIO;
+  }
   free(line);
   return rc;
 }
@@ -64,12 +69,12 @@ static int record_submit(void *self, fo_delivery *d) {
   record *r = self;
   uint64_t seq;
   fo_outcome o;
-  int rc;
+  int rc, err = 0;
 
   if (atomic_load(&r->closed))
     return FO_ECLOSED;
   seq = atomic_fetch_add(&r->seq, 1) + 1;
-  rc = write_line(r, d, seq);
+  rc = write_line(r, d, seq, &err);
 
   if (rc == FO_OK) {
     fo_outcome_init(&o, FO_STATUS_SENT);
@@ -80,7 +85,8 @@ static int record_submit(void *self, fo_delivery *d) {
 
     /* A full disk may clear; let the engine retry with backoff. */
     fo_log_rl(&rl, 10000, FO_LOG_ERROR, "record", "write failed",
-              "error=\"%s\"", strerror(errno));
+              "error=\"%s\"", rc == FO_EIO ? strerror(err)
+                                             : fo_strerror(rc));
     fo_outcome_init(&o, FO_STATUS_FAILED);
     o.retryable = true;
     snprintf(o.reason, sizeof(o.reason), "write: %s", fo_strerror(rc));

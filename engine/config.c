@@ -93,10 +93,14 @@ static const struct fo_cfg_key fo_cfg_engine[] = {
     FO_CFG_INT("summary_interval_s", "10", 0, 3600),
     FO_CFG_INT("retry_base_ms", "1000", 1, 600000),
     FO_CFG_INT("retry_max_ms", "300000", 1, 86400000),
+    FO_CFG_INT("cache_users", "1000000", 1, 100000000),
+    FO_CFG_INT("dedup_claim_ms", "300000", 1000, 86400000),
+    FO_CFG_INT("deferred_poll_ms", "1000", 10, 600000),
 };
 
 static const struct fo_cfg_key fo_cfg_postgres[] = {
     {.name = "dsn", .type = FO_CT_STRING, .flags = FO_CK_SECRET},
+    FO_CFG_INT("pool", "4", 1, 64),
 };
 
 static const struct fo_cfg_key fo_cfg_redis[] = {
@@ -104,6 +108,7 @@ static const struct fo_cfg_key fo_cfg_redis[] = {
      .type = FO_CT_REDIS_URL,
      .def = "redis://127.0.0.1:6379",
      .flags = FO_CK_SECRET},
+    {.name = "caps_fail_closed", .type = FO_CT_BOOL, .def = "false"},
 };
 
 static const struct fo_cfg_key fo_cfg_admin[] = {

@@ -169,8 +169,9 @@ int64_t fo_dispatch_backoff_ms(int64_t base_ms, int64_t max_ms,
                                uint64_t *rng) {
   int64_t step = base_ms;
 
+  /* Doubling stops at the ceiling, so it cannot overflow. */
   for (uint32_t i = 1; i < attempt && step < max_ms; i++)
-    step *= 2;
+    step = step > max_ms / 2 ? max_ms : step * 2;
   if (step > max_ms)
     step = max_ms;
 
@@ -360,6 +361,11 @@ static void send(fo_dispatch *d, inflight *f) {
     }
     struct timespec ts = {0, 1000000};
     nanosleep(&ts, NULL);
+  }
+  if (rc == FO_ECLOSED) {
+    /* The channel is shutting down: not an outcome, a replay later. */
+    inflight_release(d, f, true);
+    return;
   }
   if (rc != FO_OK) {
     char why[64];

@@ -15,11 +15,20 @@
 #include "consumer.h"
 #include "dispatch.h"
 #include "fanout/common.h"
+#include "limits.h"
 #include "log.h"
 #include "metrics.h"
+#include "policy.h"
 #include "queue.h"
+#include "store.h"
 
 struct fo_engine {
+  /* State, when [postgres] dsn is set: the policy stage runs. */
+  fo_store *store;
+  fo_dlog *dlog;
+  fo_limits *limits;
+  fo_policy *policy;
+
   fo_queue *queue;
   fo_dispatch *dispatch;
   fo_consumer *consumer;
@@ -35,6 +44,61 @@ struct fo_engine {
   uint64_t last_final;
 };
 
+/* Opens PostgreSQL, the delivery log, Redis and the policy stage. Without
+ * a DSN the engine runs without them: every recipient is delivered as
+ * given, which suits development and the pipeline benchmark. */
+static int open_state(fo_engine *e, const fo_config *cfg, char *err,
+                      size_t errlen) {
+  const char *dsn = fo_config_get(cfg, "postgres", "dsn");
+  fo_policy_conf pc;
+  int rc;
+
+  if (dsn == NULL) {
+    fo_log_warn("engine", "no [postgres] dsn: users, preferences and the "
+                          "policy stage are off", "");
+    return FO_OK;
+  }
+  rc = fo_store_open(dsn, (int)fo_config_get_int(cfg, "postgres", "pool"),
+                     &e->store, err, errlen);
+  if (rc != FO_OK)
+    return rc;
+  rc = fo_dlog_start(e->store, 100000, &e->dlog);
+  if (rc != FO_OK) {
+    snprintf(err, errlen, "engine: cannot start the delivery log: %s",
+             fo_strerror(rc));
+    return rc;
+  }
+  rc = fo_limits_open(fo_config_get(cfg, "redis", "url"),
+                      fo_config_get_bool(cfg, "redis", "caps_fail_closed"),
+                      &e->limits);
+  if (rc != FO_OK) {
+    snprintf(err, errlen, "config: [redis] url: cannot be used (%s)",
+             fo_strerror(rc));
+    return rc;
+  }
+
+  memset(&pc, 0, sizeof(pc));
+  pc.store = e->store;
+  pc.limits = e->limits;
+  pc.dlog = e->dlog;
+  pc.cache_users = (size_t)fo_config_get_int(cfg, "engine", "cache_users");
+  pc.claim_ms = fo_config_get_int(cfg, "engine", "dedup_claim_ms");
+  pc.poll_ms = fo_config_get_int(cfg, "engine", "deferred_poll_ms");
+  rc = fo_policy_new(&pc, &e->policy);
+  if (rc != FO_OK)
+    snprintf(err, errlen, "engine: cannot start the policy stage: %s",
+             fo_strerror(rc));
+  return rc;
+}
+
+fo_store *fo_engine_store(fo_engine *e) {
+  return e->store;
+}
+
+fo_limits *fo_engine_limits(fo_engine *e) {
+  return e->limits;
+}
+
 int fo_engine_new(const fo_config *cfg, const char *brokers,
                   fo_engine **out, char *err, size_t errlen) {
   fo_engine *e = calloc(1, sizeof(*e));
@@ -44,6 +108,9 @@ int fo_engine_new(const fo_config *cfg, const char *brokers,
 
   if (e == NULL)
     goto fail;
+  if ((rc = open_state(e, cfg, err, errlen)) != FO_OK)
+    goto fail_quiet;
+  rc = FO_ENOMEM;
   e->queue = fo_queue_new(
       (uint64_t)fo_config_get_int(cfg, "engine", "queue_items"),
       (uint64_t)fo_config_get_int(cfg, "engine", "queue_events"));
@@ -55,6 +122,8 @@ int fo_engine_new(const fo_config *cfg, const char *brokers,
   dc.retry_base_ms = fo_config_get_int(cfg, "engine", "retry_base_ms");
   dc.retry_max_ms = fo_config_get_int(cfg, "engine", "retry_max_ms");
   dc.on_done = fo_consumer_event_done;
+  if (e->policy != NULL)
+    dc.gate = fo_policy_gate(e->policy);
   e->dispatch = fo_dispatch_new(e->queue, &dc);
   if (e->dispatch == NULL) {
     snprintf(err, errlen, "config: [engine] retry_max_ms: must not be "
@@ -105,6 +174,9 @@ int fo_engine_start(fo_engine *e) {
   if ((rc = fo_dispatch_start(e->dispatch)) != FO_OK)
     return rc;
   if ((rc = fo_consumer_start(e->consumer)) != FO_OK)
+    return rc;
+  if (e->policy != NULL &&
+      (rc = fo_policy_start_poller(e->policy, e->queue)) != FO_OK)
     return rc;
   e->started = true;
   e->last_ms = fo_now_ms();
@@ -157,6 +229,8 @@ int fo_engine_stop(fo_engine *e, int drain_ms) {
     return FO_OK;
   e->stopped = true;
   fo_consumer_stop(e->consumer);
+  if (e->policy != NULL)
+    fo_policy_stop_poller(e->policy);
 
   rc = fo_dispatch_drain(e->dispatch, drain_ms);
   for (int k = 0; k < FO_CH_COUNT; k++) {
@@ -174,6 +248,10 @@ int fo_engine_stop(fo_engine *e, int drain_ms) {
   if (fo_consumer_finish(e->consumer, left > 1000 ? left : 1000) != FO_OK &&
       rc == FO_OK)
     rc = FO_ETIMEDOUT;
+  if (e->policy != NULL)
+    fo_policy_flush(e->policy);
+  if (e->dlog != NULL)
+    fo_dlog_flush(e->dlog, 5000);
   return rc;
 }
 
@@ -184,8 +262,20 @@ void fo_engine_free(fo_engine *e) {
     fo_engine_stop(e, 0);
   /* The dispatcher gives unfinished events back to the consumer, so it
    * goes first. */
+  if (e->policy != NULL)
+    fo_policy_stop_poller(e->policy);
   fo_dispatch_free(e->dispatch);
   fo_consumer_free(e->consumer);
+
+  /* The log writes through the store, and the store's change listener
+   * calls into the policy: stop them in that order. */
+  if (e->dlog != NULL)
+    fo_dlog_stop(e->dlog);
+  if (e->store != NULL)
+    fo_store_close(e->store);
+  fo_policy_free(e->policy);
+  if (e->limits != NULL)
+    fo_limits_close(e->limits);
   if (e->queue != NULL)
     fo_queue_free(e->queue);
   free(e);

@@ -12,11 +12,13 @@
 #include <string.h>
 #include <time.h>
 
+#include "admin.h"
 #include "config.h"
 #include "engine.h"
 #include "fanout/common.h"
 #include "kafka_mock.h"
 #include "log.h"
+#include "publish.h"
 #include "record.h"
 #include "version.h"
 
@@ -136,6 +138,41 @@ static int start_embedded(const fo_config *cfg, fo_kmock **mock) {
   return FO_OK;
 }
 
+/* Starts the REST admin API, which needs the user store. */
+static int start_admin(const fo_config *cfg, fo_engine *e,
+                       const char *brokers, fo_publish **pub,
+                       fo_admin **admin) {
+  fo_admin_conf ac;
+  char err[512];
+
+  if (fo_engine_store(e) == NULL) {
+    fo_log_warn("fanoutd", "admin API off: it needs [postgres] dsn", "");
+    return FO_OK;
+  }
+  if (fo_publish_new(brokers, fo_config_get(cfg, "kafka", "topic"), pub, err,
+                     sizeof(err)) != FO_OK) {
+    fo_log_error("fanoutd", "cannot start the event publisher",
+                 "error=\"%s\"", err);
+    return FO_EKAFKA;
+  }
+
+  memset(&ac, 0, sizeof(ac));
+  ac.listen = fo_config_get(cfg, "admin", "listen");
+  ac.token = fo_config_get(cfg, "admin", "token");
+  ac.store = fo_engine_store(e);
+  ac.limits = fo_engine_limits(e);
+  ac.publish = *pub;
+  ac.max_event_bytes =
+      (size_t)fo_config_get_int(cfg, "kafka", "max_event_bytes");
+  if (fo_admin_start(&ac, admin, err, sizeof(err)) != FO_OK) {
+    fo_log_error("fanoutd", "cannot start the admin API",
+                 "listen=%s error=\"%s\"", ac.listen, err);
+    return FO_EIO;
+  }
+  fo_log_info("fanoutd", "admin API listening", "listen=%s", ac.listen);
+  return FO_OK;
+}
+
 /* Waits for a stop signal, logging the summary on its interval. */
 static int wait_for_signal(fo_engine *e, int64_t summary_s) {
   sigset_t set;
@@ -160,6 +197,8 @@ int main(int argc, char **argv) {
   fo_kmock *mock = NULL;
   fo_engine *e = NULL;
   fo_channel *record = NULL;
+  fo_publish *pub = NULL;
+  fo_admin *admin = NULL;
   fo_log_level level;
   sigset_t set;
   char err[512];
@@ -202,6 +241,8 @@ int main(int argc, char **argv) {
     goto out;
   if (fo_engine_start(e) != FO_OK)
     goto out;
+  if (start_admin(cfg, e, brokers, &pub, &admin) != FO_OK)
+    goto out;
   fo_log_info("fanoutd", "running", "brokers=%s group=%s topic=%s", brokers,
               fo_config_get(cfg, "kafka", "group"),
               fo_config_get(cfg, "kafka", "topic"));
@@ -210,6 +251,9 @@ int main(int argc, char **argv) {
                                              "summary_interval_s"));
   fo_log_info("fanoutd", "stopping: draining in-flight work", "signal=%s",
               sig == SIGTERM ? "TERM" : "INT");
+  if (admin != NULL)
+    fo_admin_stop(admin);
+  admin = NULL;
   rc = fo_engine_stop(e, (int)fo_config_get_int(cfg, "engine",
                                                 "drain_timeout_ms"));
   fo_engine_log_summary(e);
@@ -223,6 +267,10 @@ int main(int argc, char **argv) {
   exit_code = 0;
 
 out:
+  if (admin != NULL)
+    fo_admin_stop(admin);
+  if (pub != NULL)
+    fo_publish_free(pub);
   fo_engine_free(e);
   if (record != NULL)
     record->ops->destroy(record->self);

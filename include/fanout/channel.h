@@ -15,8 +15,10 @@
  *   reached; the dispatcher then waits and submits again, so a slow
  *   provider fills only its own channel.
  * - flush() waits until every submitted delivery has completed or the
- *   timeout passes; shutdown() makes submit() refuse new work and
- *   completes what is queued; destroy() frees the channel after both.
+ *   timeout passes; shutdown() makes submit() refuse new work
+ *   (FO_ECLOSED), completes what is queued, and returns only once its
+ *   threads are out of fo_delivery_complete(); destroy() frees the
+ *   channel after both.
  */
 #ifndef FANOUT_CHANNEL_H
 #define FANOUT_CHANNEL_H

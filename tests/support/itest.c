@@ -6,7 +6,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <limits.h>
+
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,14 +40,14 @@ static const char *build_dir(void) {
 }
 
 const char *itest_bin(const char *name) {
-  static __thread char path[PATH_MAX];
+  static __thread char path[4096];
 
   snprintf(path, sizeof(path), "%s/%s", build_dir(), name);
   return path;
 }
 
 int itest_tmpdir(const char *name, char *out, size_t cap) {
-  char cmd[PATH_MAX + 16];
+  char cmd[4096 + 16];
 
   snprintf(out, cap, "%s/itest-work/%s-%d", build_dir(), name,
            (int)getpid());
@@ -74,6 +74,10 @@ int itest_spawn(itest_proc *p, const char *dir, const char *name,
       _exit(127);
     dup2(fd, 1);
     dup2(fd, 2);
+    /* The services' addresses reach a child only when the test says so,
+     * so that a test without a user store runs fanoutd without one. */
+    unsetenv("FANOUT_POSTGRES_DSN");
+    unsetenv("FANOUT_REDIS_URL");
     for (size_t i = 0; env != NULL && env[i] != NULL; i++)
       putenv(env[i]);
     /* Leaks in a process killed on purpose are not findings. */
@@ -397,4 +401,149 @@ int64_t itest_committed(const char *bootstrap, const char *group,
   rd_kafka_topic_partition_list_destroy(list);
   rd_kafka_destroy(rk);
   return sum;
+}
+
+/* ---- services (PostgreSQL, HTTP) ---- */
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <curl/curl.h>
+#include <libpq-fe.h>
+
+int itest_db_create(const char *name, char *dsn, size_t cap) {
+  const char *base = getenv("FANOUT_POSTGRES_DSN");
+  char db[96], sql[160];
+  const char *slash;
+  PGconn *c;
+  PGresult *r;
+  int ok;
+
+  if (base == NULL)
+    return -1;
+  snprintf(db, sizeof(db), "fanout_it_%s_%d", name, (int)getpid());
+  c = PQconnectdb(base);
+  if (PQstatus(c) != CONNECTION_OK) {
+    PQfinish(c);
+    return -1;
+  }
+  snprintf(sql, sizeof(sql), "DROP DATABASE IF EXISTS %s", db);
+  PQclear(PQexec(c, sql));
+  snprintf(sql, sizeof(sql), "CREATE DATABASE %s", db);
+  r = PQexec(c, sql);
+  ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+  PQclear(r);
+  PQfinish(c);
+  if (!ok)
+    return -1;
+
+  /* The base DSN is a URI whose last path segment is the database. */
+  slash = strrchr(base, '/');
+  if (slash == NULL)
+    return -1;
+  snprintf(dsn, cap, "%.*s/%s", (int)(slash - base), base, db);
+  return 0;
+}
+
+void itest_db_drop(const char *dsn) {
+  const char *base = getenv("FANOUT_POSTGRES_DSN");
+  const char *db = strrchr(dsn, '/');
+  char sql[200];
+  PGconn *c;
+
+  /* ITEST_KEEP_DB=1 keeps the database for a look after a failure. */
+  if (base == NULL || db == NULL || getenv("ITEST_KEEP_DB") != NULL)
+    return;
+  c = PQconnectdb(base);
+  if (PQstatus(c) == CONNECTION_OK) {
+    snprintf(sql, sizeof(sql), "DROP DATABASE IF EXISTS %s WITH (FORCE)",
+             db + 1);
+    PQclear(PQexec(c, sql));
+  }
+  PQfinish(c);
+}
+
+long itest_sql(const char *dsn, const char *sql) {
+  PGconn *c = PQconnectdb(dsn);
+  PGresult *r;
+  long v = -1;
+
+  if (PQstatus(c) == CONNECTION_OK) {
+    r = PQexec(c, sql);
+    if (PQresultStatus(r) == PGRES_TUPLES_OK)
+      v = PQntuples(r) > 0 ? atol(PQgetvalue(r, 0, 0)) : 0;
+    else if (PQresultStatus(r) == PGRES_COMMAND_OK)
+      v = atol(PQcmdTuples(r));
+    PQclear(r);
+  }
+  PQfinish(c);
+  return v;
+}
+
+int itest_free_port(void) {
+  struct sockaddr_in a = {.sin_family = AF_INET};
+  socklen_t len = sizeof(a);
+  int fd = socket(AF_INET, SOCK_STREAM, 0), port = -1;
+
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 &&
+      getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+    port = ntohs(a.sin_port);
+  if (fd >= 0)
+    close(fd);
+  return port;
+}
+
+typedef struct http_buf {
+  char *data;
+  size_t len;
+} http_buf;
+
+static size_t http_write(char *p, size_t size, size_t n, void *arg) {
+  http_buf *b = arg;
+  char *nd = realloc(b->data, b->len + size * n + 1);
+
+  if (nd == NULL)
+    return 0;
+  memcpy(nd + b->len, p, size * n);
+  b->len += size * n;
+  nd[b->len] = '\0';
+  b->data = nd;
+  return size * n;
+}
+
+int itest_http(const char *method, const char *url, const char *token,
+               const char *body, char **resp) {
+  CURL *h = curl_easy_init();
+  struct curl_slist *hdrs = NULL;
+  http_buf b = {NULL, 0};
+  char auth[512];
+  long status = -1;
+
+  if (h == NULL)
+    return -1;
+  if (token != NULL) {
+    snprintf(auth, sizeof(auth), "Authorization: Bearer %s", token);
+    hdrs = curl_slist_append(hdrs, auth);
+  }
+  if (body != NULL) {
+    hdrs = curl_slist_append(hdrs, "Content-Type: application/json");
+    curl_easy_setopt(h, CURLOPT_POSTFIELDS, body);
+  }
+  curl_easy_setopt(h, CURLOPT_URL, url);
+  curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
+  curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
+  curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, http_write);
+  curl_easy_setopt(h, CURLOPT_WRITEDATA, &b);
+  curl_easy_setopt(h, CURLOPT_TIMEOUT, 10L);
+  if (curl_easy_perform(h) == CURLE_OK)
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+  curl_slist_free_all(hdrs);
+  curl_easy_cleanup(h);
+  if (resp != NULL)
+    *resp = b.data != NULL ? b.data : strdup("");
+  else
+    free(b.data);
+  return (int)status;
 }

@@ -27,8 +27,9 @@ int itest_tmpdir(const char *name, char *out, size_t cap);
 const char *itest_bin(const char *name);
 
 /*
- * Starts `argv[0]` (a path) in `dir` with the current environment plus
- * `env` (NULL-terminated "K=V" list, may be NULL), output to dir/NAME.log.
+ * Starts `argv[0]` (a path) in `dir` with the current environment, less
+ * FANOUT_POSTGRES_DSN and FANOUT_REDIS_URL, plus `env` (NULL-terminated
+ * "K=V" list, may be NULL), output to dir/NAME.log.
  */
 int itest_spawn(itest_proc *p, const char *dir, const char *name,
                 char *const argv[], char *const env[]);
@@ -97,3 +98,29 @@ int64_t itest_committed(const char *bootstrap, const char *group,
                         const char *topic);
 
 #endif /* FO_ITEST_H */
+
+/* ---- services (PostgreSQL, HTTP) ---- */
+
+/*
+ * Creates a fresh, empty database named after `name` and this process on
+ * the server of $FANOUT_POSTGRES_DSN, and writes its DSN to `dsn`.
+ * Returns 0, or -1 when the services are not there.
+ */
+int itest_db_create(const char *name, char *dsn, size_t cap);
+
+/* Drops the database made by itest_db_create(). */
+void itest_db_drop(const char *dsn);
+
+/* Runs one SQL statement on `dsn`; returns the first column of the first
+ * row as a number (0 when none), or -1 on error. */
+long itest_sql(const char *dsn, const char *sql);
+
+/* A free TCP port on 127.0.0.1 at the time of the call. */
+int itest_free_port(void);
+
+/*
+ * One HTTP request with a bearer token (NULL: none) and a JSON body (NULL:
+ * none). Returns the status (or -1) and the body in *resp (free()).
+ */
+int itest_http(const char *method, const char *url, const char *token,
+               const char *body, char **resp);
