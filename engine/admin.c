@@ -809,6 +809,13 @@ static void fo_admin_mhd_log(void *cls, const char *fmt, va_list ap) {
   n = strlen(line);
   while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
     line[--n] = '\0';
+
+  /* libmicrohttpd 0.9.75 says this of the thread pool's own daemons even
+   * when the logger is the first option given; it is harmless. */
+  if (strstr(line, "EXTERNAL_LOGGER is not the first") != NULL) {
+    fo_log_debug("admin", "libmicrohttpd", "detail=\"%s\"", line);
+    return;
+  }
   fo_log_rl(&rl, 5000, FO_LOG_WARN, "admin", "libmicrohttpd",
             "detail=\"%s\"", line);
 }

@@ -58,8 +58,10 @@ static int teardown(void **state) {
   return 0;
 }
 
-/* Starts one fanoutd on the shared broker and database. */
-static void start_node(node *n, const char *name, const char *extra) {
+/* Starts one fanoutd on the shared broker and database, with Redis at
+ * `redis` (NULL: the test services' Redis). */
+static void start_node_redis(node *n, const char *name, const char *extra,
+                             const char *redis) {
   char cfg[1024], dsn_env[600], redis_env[300];
   char *env[] = {dsn_env, redis_env, NULL};
 
@@ -72,9 +74,13 @@ static void start_node(node *n, const char *name, const char *extra) {
   assert_int_equal(itest_write_config(n->dir, g_bootstrap, cfg), 0);
   snprintf(dsn_env, sizeof(dsn_env), "FANOUT_POSTGRES_DSN=%s", g_dsn);
   snprintf(redis_env, sizeof(redis_env), "FANOUT_REDIS_URL=%s",
-           getenv("FANOUT_REDIS_URL"));
+           redis != NULL ? redis : getenv("FANOUT_REDIS_URL"));
   assert_int_equal(itest_start_fanoutd(&n->proc, n->dir, env, 30000), 0);
   assert_int_equal(itest_wait_log(&n->proc, "admin API listening", 5000), 0);
+}
+
+static void start_node(node *n, const char *name, const char *extra) {
+  start_node_redis(n, name, extra, NULL);
 }
 
 static int api(node *n, const char *method, const char *path,
@@ -386,11 +392,50 @@ static void test_cap_holds_across_instances(void **state) {
   itest_stop(&b.proc, SIGTERM, 20000);
 }
 
+/* With Redis unreachable, caps let deliveries through (fail open, the
+ * default), dedup falls back to the delivery log, and /healthz says so. */
+static void test_redis_down_degrades(void **state) {
+  node n;
+  char url[64], rec[600];
+  char *resp = NULL;
+
+  (void)state;
+  snprintf(url, sizeof(url), "redis://127.0.0.1:%d", itest_free_port());
+  start_node_redis(&n, "policy-noredis", NULL, url);
+  put_user(&n, "nored", "{}");
+  add_device(&n, "nored", "tok-nored");
+  put_prefs(&n, "nored", "{\"caps\":{\"push\":{\"limit\":1,"
+                         "\"per\":\"hour\"}}}");
+
+  send_event("nr1", "[\"nored\"]", "\"channels\":[\"push\"]");
+  send_event("nr2", "[\"nored\"]", "\"channels\":[\"push\"]");
+  expect(&n, "nr1", "nored", "push", "sent");
+  expect(&n, "nr2", "nored", "push", "sent");
+
+  /* The same event again: the delivery log knows it was sent. */
+  snprintf(rec, sizeof(rec), "%s/deliveries.jsonl", n.dir);
+  assert_int_equal(itest_count_lines(rec, "nr1"), 1);
+  send_event("nr1", "[\"nored\"]", "\"channels\":[\"push\"]");
+  sleep_ms(2000);
+  assert_int_equal(itest_count_lines(rec, "nr1"), 1);
+
+  {
+    char hurl[64];
+
+    snprintf(hurl, sizeof(hurl), "http://127.0.0.1:%d/healthz", n.port);
+    assert_int_equal(itest_http("GET", hurl, NULL, NULL, &resp), 503);
+    assert_non_null(strstr(resp, "\"redis\":false"));
+    free(resp);
+  }
+  assert_int_equal(WEXITSTATUS(itest_stop(&n.proc, SIGTERM, 20000)), 0);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_every_policy_reason),
       cmocka_unit_test(test_cache_follows_changes_across_instances),
       cmocka_unit_test(test_cap_holds_across_instances),
+      cmocka_unit_test(test_redis_down_degrades),
   };
 
   return cmocka_run_group_tests_name("policy", tests, setup, teardown);
