@@ -11,7 +11,7 @@
 
 CC      ?= cc
 PKGS    := rdkafka jansson inih libpq hiredis libmicrohttpd icu-uc icu-i18n \
-           libcrypto
+           libcrypto libcurl
 WERROR  ?= 1
 SANITIZE ?= 1
 
@@ -29,9 +29,9 @@ PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 # named like a system header (prefs/limits.h) never hides <limits.h>.
 CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -Iinclude -iquote engine \
                  -iquote channels -iquote prefs -iquote tests/support \
-                 $(WARN) $(PKG_CFLAGS)
+                 -iquote tests/fakes $(WARN) $(PKG_CFLAGS)
 LIBS          := $(PKG_LIBS) -lpthread -lm
-TEST_LIBS     := $(shell pkg-config --libs cmocka libcurl 2>/dev/null)
+TEST_LIBS     := $(shell pkg-config --libs cmocka 2>/dev/null)
 
 # Release tree.
 B        := build
@@ -52,13 +52,20 @@ UNIT     := $(wildcard tests/unit/test_*.c)
 ITEST    := $(wildcard tests/integration/itest_*.c)
 TSUPPORT := $(wildcard tests/support/*.c)
 BENCHES  := $(wildcard bench/*/main.c)
+# Provider fakes: tests/fakes/fake_NAME.c is the program fake-NAME, with
+# the HTTPS server of tests/fakes/fakehttp.c.
+FAKES    := $(wildcard tests/fakes/fake_*.c)
+FAKE_R   := $(FAKES:tests/fakes/fake_%.c=build/fake-%)
+FAKE_T   := $(FAKES:tests/fakes/fake_%.c=build/test/fake-%)
+FAKEHTTP_T := $(patsubst %.c,build/test/obj/%.o,\
+                $(wildcard tests/fakes/fakehttp.c))
 
 LIB_R    := $(B)/libfanout.a
 LIB_T    := $(T)/libfanout.a
 
 .PHONY: all test unit run stop bench deps services clean check
 
-all: $(B)/fanoutd $(B)/fanout-devbroker
+all: $(B)/fanoutd $(B)/fanout-devbroker $(FAKE_R)
 
 $(B)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -93,9 +100,17 @@ $(T)/tests/%: $(T)/obj/tests/unit/%.o $(TSUPPORT:%.c=$(T)/obj/%.o) $(LIB_T)
 	$(CC) $(CFLAGS_T) -o $@ $^ $(LIBS) $(TEST_LIBS)
 
 $(T)/itests/%: $(T)/obj/tests/integration/%.o \
-               $(TSUPPORT:%.c=$(T)/obj/%.o) $(LIB_T)
+               $(TSUPPORT:%.c=$(T)/obj/%.o) $(FAKEHTTP_T) $(LIB_T)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_T) -o $@ $^ $(LIBS) $(TEST_LIBS)
+
+$(B)/fake-%: $(B)/obj/tests/fakes/fake_%.o $(B)/obj/tests/fakes/fakehttp.o \
+             $(LIB_R)
+	$(CC) $(CFLAGS_R) -o $@ $^ $(LIBS)
+
+$(T)/fake-%: $(T)/obj/tests/fakes/fake_%.o $(T)/obj/tests/fakes/fakehttp.o \
+             $(LIB_T)
+	$(CC) $(CFLAGS_T) -o $@ $^ $(LIBS)
 
 $(B)/bench/%: $(B)/obj/bench/%/main.o $(LIB_R)
 	@mkdir -p $(dir $@)
@@ -105,7 +120,7 @@ TEST_BINS := $(UNIT:tests/unit/%.c=$(T)/tests/%) \
              $(ITEST:tests/integration/%.c=$(T)/itests/%)
 
 # Builds everything the suite needs; `make test` runs it.
-test-build: $(TEST_BINS) $(T)/fanoutd $(T)/fanout-devbroker
+test-build: $(TEST_BINS) $(T)/fanoutd $(T)/fanout-devbroker $(FAKE_T)
 
 deps:
 	@scripts/deps.sh

@@ -148,6 +148,8 @@ static const struct fo_cfg_key fo_cfg_sendgrid[] = {
     {.name = "api_key", .type = FO_CT_STRING, .flags = FO_CK_SECRET},
     FO_CFG_STR("from", NULL),
     FO_CFG_PATH("ca_file", NULL),
+    FO_CFG_INT("max_inflight", "64", 1, 10000),
+    FO_CFG_INT("timeout_ms", "30000", 100, 600000),
 };
 
 static const struct fo_cfg_key fo_cfg_twilio[] = {
@@ -155,8 +157,12 @@ static const struct fo_cfg_key fo_cfg_twilio[] = {
     FO_CFG_STR("account_sid", NULL),
     {.name = "auth_token", .type = FO_CT_STRING, .flags = FO_CK_SECRET},
     FO_CFG_STR("from", NULL),
+    FO_CFG_STR("messaging_service_sid", NULL),
     FO_CFG_PATH("ca_file", NULL),
     FO_CFG_URL("status_callback_url"),
+    FO_CFG_INT("max_inflight", "64", 1, 10000),
+    FO_CFG_INT("timeout_ms", "30000", 100, 600000),
+    FO_CFG_INT("rate_per_second", "0", 0, 100000),
 };
 
 static const struct fo_cfg_key fo_cfg_record[] = {
