@@ -95,7 +95,8 @@ $(T)/fanoutd: $(T)/obj/engine/fanoutd.o $(LIB_T)
 $(T)/fanout-devbroker: $(T)/obj/engine/devbroker.o $(LIB_T)
 	$(CC) $(CFLAGS_T) -o $@ $^ $(LIBS)
 
-$(T)/tests/%: $(T)/obj/tests/unit/%.o $(TSUPPORT:%.c=$(T)/obj/%.o) $(LIB_T)
+$(T)/tests/%: $(T)/obj/tests/unit/%.o $(TSUPPORT:%.c=$(T)/obj/%.o) \
+              $(FAKEHTTP_T) $(LIB_T)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_T) -o $@ $^ $(LIBS) $(TEST_LIBS)
 

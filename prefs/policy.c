@@ -92,6 +92,12 @@ static uint64_t hash_str(const char *s) {
   return h;
 }
 
+/* The shard comes from the hash's top bits; buckets inside a shard use its
+ * low bits, so the two choices stay independent. */
+static shard *shard_of(fo_policy *p, uint64_t h) {
+  return &p->shards[h >> 58];
+}
+
 /* ---- the user cache ---- */
 
 static void entry_free(entry *e) {
@@ -194,7 +200,7 @@ out:
  */
 static int recipient_get(fo_policy *p, const char *user, fo_recipient **out) {
   uint64_t h = hash_str(user);
-  shard *s = &p->shards[h % SHARDS];
+  shard *s = shard_of(p, h);
   fo_recipient *r = NULL;
   uint64_t gen;
   entry *e;
@@ -240,7 +246,7 @@ void fo_policy_invalidate(fo_policy *p, const char *user) {
   }
 
   uint64_t h = hash_str(user);
-  shard *s = &p->shards[h % SHARDS];
+  shard *s = shard_of(p, h);
   entry *e;
 
   pthread_mutex_lock(&s->lock);

@@ -45,6 +45,8 @@ typedef void (*fake_handler)(void *arg, const fake_request *req,
 fake_http *fake_http_start(int port, const char *ca_path, fake_handler h,
                            void *arg);
 int fake_http_port(const fake_http *f);
+/* TCP connections accepted since start (to check connection reuse). */
+int fake_http_connections(const fake_http *f);
 void fake_http_stop(fake_http *f);
 
 #endif /* FO_FAKEHTTP_H */
