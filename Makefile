@@ -25,8 +25,9 @@ endif
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
-# Project headers are found with quotes only (-iquote), so that a module
-# named like a system header (prefs/limits.h) never hides <limits.h>.
+# Project headers are included with quotes and found through -iquote.
+# A module must not be named like a system header (GCC's own <limits.h>
+# would pick up prefs/limits.h through include_next).
 CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -Iinclude -iquote engine \
                  -iquote channels -iquote prefs -iquote tests/support \
                  -iquote tests/fakes $(WARN) $(PKG_CFLAGS)

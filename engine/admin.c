@@ -7,7 +7,8 @@
  * every request per route template. The routes themselves live in
  * admin_routes.c.
  *
- * Order of checks: bearer token (except /healthz and /metrics), then
+ * Order of checks: bearer token (except /healthz, /metrics and Twilio's
+ * signed callbacks), then
  * route (404), method (405), path ids (400), media type (415) and size
  * (413), all before any byte of the body is read; then the handler.
  */
@@ -506,6 +507,19 @@ static bool fo_admin_json_ctype(const char *ct, bool merge_patch) {
          strncasecmp(ct, patch, n) == 0;
 }
 
+/* True when the Content-Type names a form body (Twilio's callbacks). */
+static bool fo_admin_form_ctype(const char *ct) {
+  static const char form[] = "application/x-www-form-urlencoded";
+  size_t n;
+
+  if (ct == NULL)
+    return false;
+  while (*ct == ' ' || *ct == '\t')
+    ct++;
+  n = strcspn(ct, "; \t");
+  return n == sizeof(form) - 1 && strncasecmp(ct, form, n) == 0;
+}
+
 /* Reads Content-Length; false when absent or not a plain number. */
 static bool fo_admin_content_length(struct MHD_Connection *conn,
                                     unsigned long long *out) {
@@ -583,10 +597,20 @@ static void fo_admin_begin(fo_admin *a, fo_admin_req *r, const char *url) {
                       ? a->max_event_bytes
                       : a->max_body;
   if (has_body && r->keep_body &&
-      !fo_admin_json_ctype(
-          MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND,
-                                      MHD_HTTP_HEADER_CONTENT_TYPE),
-          (r->method->flags & FO_ADMIN_MERGE_PATCH) != 0)) {
+      (r->method->flags & FO_ADMIN_FORM_BODY) != 0) {
+    if (!fo_admin_form_ctype(MHD_lookup_connection_value(
+            r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_TYPE))) {
+      fo_admin__error(r, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE,
+                      "unsupported_media_type", NULL,
+                      "the body must be sent as "
+                      "application/x-www-form-urlencoded");
+      return;
+    }
+  } else if (has_body && r->keep_body &&
+             !fo_admin_json_ctype(
+                 MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND,
+                                             MHD_HTTP_HEADER_CONTENT_TYPE),
+                 (r->method->flags & FO_ADMIN_MERGE_PATCH) != 0)) {
     fo_admin__error(r, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE,
                     "unsupported_media_type", NULL,
                     "the body must be sent as application/json%s",
@@ -883,6 +907,10 @@ bad:
 }
 
 static void fo_admin_free(fo_admin *a) {
+  if (a->twilio_auth_token != NULL)
+    OPENSSL_cleanse(a->twilio_auth_token, strlen(a->twilio_auth_token));
+  free(a->twilio_auth_token);
+  free(a->twilio_callback_url);
   pthread_cond_destroy(&a->hcv);
   pthread_mutex_destroy(&a->hmu);
   pthread_cond_destroy(&a->cv);
@@ -932,6 +960,15 @@ int fo_admin_start(const fo_admin_conf *c, fo_admin **out, char *err,
   pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
   pthread_cond_init(&a->hcv, &ca);
   pthread_condattr_destroy(&ca);
+  if (c->twilio_auth_token != NULL && c->twilio_callback_url != NULL) {
+    a->twilio_auth_token = strdup(c->twilio_auth_token);
+    a->twilio_callback_url = strdup(c->twilio_callback_url);
+    if (a->twilio_auth_token == NULL || a->twilio_callback_url == NULL) {
+      snprintf(err, errlen, "admin: out of memory");
+      fo_admin_free(a);
+      return FO_ENOMEM;
+    }
+  }
 
   timeout = (unsigned int)(c->timeout_s > 0 ? c->timeout_s
                                             : FO_ADMIN_DEFAULT_TIMEOUT_S);

@@ -2,8 +2,10 @@
 /*
  * The REST admin API (docs/rest.md): users, devices, preferences, event
  * submission and delivery lookup, plus /healthz and /metrics, served by
- * libmicrohttpd on `[admin] listen`. Every route but /healthz and
- * /metrics needs the admin bearer token; bodies and errors are JSON.
+ * libmicrohttpd on `[admin] listen`. Every route but /healthz, /metrics
+ * and Twilio's status callbacks (signed by Twilio instead) needs the
+ * admin bearer token; bodies and errors are JSON, except the callbacks'
+ * form bodies.
  *
  * Threads: libmicrohttpd runs a small pool of its own threads; store and
  * Redis calls run on them. POST /v1/events does not hold a thread while
@@ -15,7 +17,7 @@
 
 #include <stddef.h>
 
-#include "limits.h"
+#include "limiter.h"
 #include "publish.h"
 #include "store.h"
 
@@ -26,12 +28,18 @@ typedef struct fo_admin_conf {
   const char *listen;
   const char *token;            /* the bearer token; required */
   fo_store *store;              /* users, devices, preferences, log */
-  fo_limits *limits;            /* for /healthz only */
+  fo_limiter *limits;            /* for /healthz only */
   fo_publish *publish;          /* POST /v1/events */
   size_t max_body;              /* request body bound; 0: 1 MiB */
   size_t max_event_bytes;       /* POST /v1/events bound; 0: 1 MiB */
   int timeout_s;                /* idle connection timeout; 0: 30 */
   int publish_timeout_ms;       /* wait for Kafka's ack; 0: 5000 */
+  /* POST /v1/callbacks/twilio, Twilio's SMS status callbacks: checked
+   * with the X-Twilio-Signature of `twilio_auth_token` (a secret) over
+   * `twilio_callback_url`, the public URL Twilio was given. The route
+   * answers 404 while either is NULL. */
+  const char *twilio_auth_token;
+  const char *twilio_callback_url;
 } fo_admin_conf;
 
 /*

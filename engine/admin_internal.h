@@ -33,6 +33,7 @@ typedef fo_admin_next (*fo_admin_handler)(fo_admin *a, fo_admin_req *r);
 #define FO_ADMIN_BODY 1u         /* takes a JSON body */
 #define FO_ADMIN_EVENT_BODY 2u   /* bounded by max_event_bytes */
 #define FO_ADMIN_MERGE_PATCH 4u  /* also accepts merge-patch+json */
+#define FO_ADMIN_FORM_BODY 8u    /* the body is form-encoded, not JSON */
 
 typedef struct fo_admin_method {
   const char *name;             /* NULL ends the list */
@@ -59,13 +60,15 @@ extern const size_t fo_admin__nroutes;
 struct fo_admin {
   struct MHD_Daemon *d;
   fo_store *store;
-  fo_limits *limits;
+  fo_limiter *limits;
   fo_publish *publish;
   size_t max_body;
   size_t max_event_bytes;
   int publish_timeout_ms;
   unsigned char token_sha256[32];
   char listen[300];
+  char *twilio_auth_token;      /* secret; NULL: no Twilio callbacks */
+  char *twilio_callback_url;
 
   /* Requests that published, counted until libmicrohttpd is done with
    * them: stop waits for them, as libmicrohttpd must not stop with a

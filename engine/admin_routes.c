@@ -21,6 +21,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "prefs.h"
+#include "twilio.h"
 
 #define FO_ADMIN_EMAIL_MAX 254
 #define FO_ADMIN_LOCALE_MAX 35
@@ -161,7 +162,7 @@ static bool fo_admin_probe_run(fo_admin *a, int kind) {
   case FO_ADMIN_PROBE_PG:
     return fo_store_ping(a->store);
   default:
-    return fo_limits_ping(a->limits);
+    return fo_limiter_ping(a->limits);
   }
 }
 
@@ -680,6 +681,81 @@ static fo_admin_next fo_admin_event_get(fo_admin *a, fo_admin_req *r) {
   return FO_ADMIN_DONE;
 }
 
+/* ---- provider callbacks ---- */
+
+/*
+ * Twilio's SMS status callback. Twilio cannot send the bearer token, so
+ * the route is open and the request must carry Twilio's signature over
+ * the configured public URL and the form parameters. Final statuses
+ * update the delivery log by the message's sid; the others (queued,
+ * sending, sent) change nothing.
+ */
+static fo_admin_next fo_admin_twilio_callback(fo_admin *a, fo_admin_req *r) {
+  fo_twilio_form f = {0, NULL};
+  const char *sid, *st, *status, *reason = NULL;
+  int rc;
+
+  if (a->twilio_auth_token == NULL) {
+    fo_admin__error(r, MHD_HTTP_NOT_FOUND, "not_found", NULL,
+                    "no such route");
+    return FO_ADMIN_DONE;
+  }
+  rc = fo_twilio_form_parse(r->body != NULL ? r->body : "", r->body_len,
+                            &f);
+  if (rc != FO_OK) {
+    if (rc == FO_ENOMEM)
+      fo_admin__error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", NULL,
+                      "out of memory");
+    else
+      fo_admin__error(r, MHD_HTTP_BAD_REQUEST, "invalid_form", NULL,
+                      "the body is not a valid form encoding");
+    return FO_ADMIN_DONE;
+  }
+  if (!fo_twilio_signature_ok(
+          a->twilio_auth_token, a->twilio_callback_url, &f,
+          MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND,
+                                      "X-Twilio-Signature"))) {
+    fo_admin__error(r, MHD_HTTP_FORBIDDEN, "forbidden", NULL,
+                    "a valid X-Twilio-Signature is required");
+    goto out;
+  }
+  sid = fo_twilio_form_get(&f, "MessageSid");
+  st = fo_twilio_form_get(&f, "MessageStatus");
+  if (sid == NULL || sid[0] == '\0' || st == NULL) {
+    fo_admin__error(r, MHD_HTTP_BAD_REQUEST, "missing_field",
+                    sid == NULL || sid[0] == '\0' ? "MessageSid"
+                                                  : "MessageStatus",
+                    "MessageSid and MessageStatus are required");
+    goto out;
+  }
+  if (strcmp(st, "delivered") == 0) {
+    status = "delivered";
+  } else if (strcmp(st, "undelivered") == 0 || strcmp(st, "failed") == 0) {
+    status = "undelivered";
+    reason = fo_twilio_form_get(&f, "ErrorCode");
+    if (reason != NULL && reason[0] == '\0')
+      reason = NULL;
+  } else {
+    fo_admin__reply_empty(r, MHD_HTTP_NO_CONTENT);
+    goto out;
+  }
+  if (!fo_admin_need_store(a, r))
+    goto out;
+  rc = fo_store_delivery_update_by_provider(a->store, FO_CH_SMS, sid, status,
+                                            reason);
+  if (rc == FO_OK)
+    fo_admin__reply_empty(r, MHD_HTTP_NO_CONTENT);
+  else if (rc == FO_ENOENT)
+    fo_admin__error(r, MHD_HTTP_NOT_FOUND, "not_found", NULL,
+                    "no SMS delivery has this MessageSid");
+  else
+    fo_admin__store_error(r, rc, "message");
+
+out:
+  fo_twilio_form_clear(&f);
+  return FO_ADMIN_DONE;
+}
+
 /* ---- the table ---- */
 
 /* Routes of the design served by the in-app relay (inbox, conversations)
@@ -715,6 +791,10 @@ const fo_admin_route fo_admin__routes[] = {
       {NULL, NULL, 0}}},
     {"/v1/events/{id}", {"v1", "events", "{id}", NULL}, false, "GET, HEAD",
      {{"GET", fo_admin_event_get, 0}, {NULL, NULL, 0}}},
+    {"/v1/callbacks/twilio", {"v1", "callbacks", "twilio", NULL}, true,
+     "POST",
+     {{"POST", fo_admin_twilio_callback, FO_ADMIN_BODY | FO_ADMIN_FORM_BODY},
+      {NULL, NULL, 0}}},
 };
 
 const size_t fo_admin__nroutes =

@@ -148,7 +148,7 @@ static const struct fo_cfg_key fo_cfg_sendgrid[] = {
     {.name = "api_key", .type = FO_CT_STRING, .flags = FO_CK_SECRET},
     FO_CFG_STR("from", NULL),
     FO_CFG_PATH("ca_file", NULL),
-    FO_CFG_INT("max_inflight", "64", 1, 10000),
+    FO_CFG_INT("max_inflight", "2000", 1, 100000),
     FO_CFG_INT("timeout_ms", "30000", 100, 600000),
 };
 

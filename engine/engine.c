@@ -15,7 +15,7 @@
 #include "consumer.h"
 #include "dispatch.h"
 #include "fanout/common.h"
-#include "limits.h"
+#include "limiter.h"
 #include "log.h"
 #include "metrics.h"
 #include "policy.h"
@@ -26,7 +26,7 @@ struct fo_engine {
   /* State, when [postgres] dsn is set: the policy stage runs. */
   fo_store *store;
   fo_dlog *dlog;
-  fo_limits *limits;
+  fo_limiter *limits;
   fo_policy *policy;
 
   fo_queue *queue;
@@ -68,7 +68,7 @@ static int open_state(fo_engine *e, const fo_config *cfg, char *err,
              fo_strerror(rc));
     return rc;
   }
-  rc = fo_limits_open(fo_config_get(cfg, "redis", "url"),
+  rc = fo_limiter_open(fo_config_get(cfg, "redis", "url"),
                       fo_config_get_bool(cfg, "redis", "caps_fail_closed"),
                       &e->limits);
   if (rc != FO_OK) {
@@ -95,7 +95,7 @@ fo_store *fo_engine_store(fo_engine *e) {
   return e->store;
 }
 
-fo_limits *fo_engine_limits(fo_engine *e) {
+fo_limiter *fo_engine_limits(fo_engine *e) {
   return e->limits;
 }
 
@@ -275,7 +275,7 @@ void fo_engine_free(fo_engine *e) {
     fo_store_close(e->store);
   fo_policy_free(e->policy);
   if (e->limits != NULL)
-    fo_limits_close(e->limits);
+    fo_limiter_close(e->limits);
   if (e->queue != NULL)
     fo_queue_free(e->queue);
   free(e);

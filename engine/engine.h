@@ -50,6 +50,6 @@ void fo_engine_free(fo_engine *e);
 /* The user store and Redis limits the engine opened (NULL when
  * [postgres] dsn is not set), for the admin API. Owned by the engine. */
 struct fo_store *fo_engine_store(fo_engine *e);
-struct fo_limits *fo_engine_limits(fo_engine *e);
+struct fo_limiter *fo_engine_limits(fo_engine *e);
 
 #endif /* FO_ENGINE_H */

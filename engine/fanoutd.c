@@ -20,6 +20,8 @@
 #include "log.h"
 #include "publish.h"
 #include "record.h"
+#include "sendgrid.h"
+#include "twilio.h"
 #include "version.h"
 
 static const char *const channel_providers[FO_CH_COUNT] = {
@@ -62,13 +64,83 @@ static int parse_args(int argc, char **argv, const char **config) {
   return FO_OK;
 }
 
+/* Creates the e-mail channel when [sendgrid] is given. */
+static int setup_sendgrid(const fo_config *cfg, fo_channel **out) {
+  fo_sendgrid_conf c;
+  char err[256];
+  int rc;
+
+  if (!fo_config_has_section(cfg, "sendgrid"))
+    return FO_OK;
+  memset(&c, 0, sizeof(c));
+  c.url = fo_config_get(cfg, "sendgrid", "url");
+  c.api_key = fo_config_get(cfg, "sendgrid", "api_key");
+  c.from = fo_config_get(cfg, "sendgrid", "from");
+  c.ca_file = fo_config_get(cfg, "sendgrid", "ca_file");
+  c.max_inflight = (int)fo_config_get_int(cfg, "sendgrid", "max_inflight");
+  c.timeout_ms = (int)fo_config_get_int(cfg, "sendgrid", "timeout_ms");
+  rc = fo_sendgrid_new(&c, out, err, sizeof(err));
+  if (rc != FO_OK) {
+    fo_log_error("fanoutd", "cannot start the e-mail channel",
+                 "error=\"%s\"", err);
+    return rc;
+  }
+  fo_log_info("fanoutd", "channel sends through SendGrid",
+              "channel=email url=%s", c.url);
+  return FO_OK;
+}
+
+/* Creates the SMS channel when [twilio] is given, and routes SMS to it
+ * (in place of the record sink). */
+static int setup_twilio(const fo_config *cfg, fo_engine *e,
+                        fo_channel **out) {
+  fo_twilio_conf c;
+  char err[256];
+  int rc;
+
+  if (!fo_config_has_section(cfg, "twilio"))
+    return FO_OK;
+  memset(&c, 0, sizeof(c));
+  c.url = fo_config_get(cfg, "twilio", "url");
+  c.account_sid = fo_config_get(cfg, "twilio", "account_sid");
+  c.auth_token = fo_config_get(cfg, "twilio", "auth_token");
+  c.from = fo_config_get(cfg, "twilio", "from");
+  c.messaging_service_sid =
+      fo_config_get(cfg, "twilio", "messaging_service_sid");
+  c.ca_file = fo_config_get(cfg, "twilio", "ca_file");
+  c.status_callback_url = fo_config_get(cfg, "twilio", "status_callback_url");
+  c.max_inflight = (int)fo_config_get_int(cfg, "twilio", "max_inflight");
+  c.timeout_ms = (int)fo_config_get_int(cfg, "twilio", "timeout_ms");
+  c.rate_per_second =
+      (int)fo_config_get_int(cfg, "twilio", "rate_per_second");
+  c.store = fo_engine_store(e);
+  c.limits = fo_engine_limits(e);
+  rc = fo_twilio_new(&c, out, err, sizeof(err));
+  if (rc != FO_OK) {
+    fo_log_error("fanoutd", "cannot start the SMS channel", "error=\"%s\"",
+                 err);
+    return rc;
+  }
+  fo_engine_set_channel(e, FO_CH_SMS, *out);
+  fo_log_info("fanoutd", "channel sends through Twilio", "channel=sms url=%s",
+              c.url);
+  return FO_OK;
+}
+
 /* Creates the channels the configuration turns on; logs the others off
  * once, at start. */
 static int setup_channels(const fo_config *cfg, fo_engine *e,
-                          fo_channel **record_out) {
+                          fo_channel **record_out,
+                          fo_channel **sendgrid_out) {
   const char *file = fo_config_get(cfg, "record", "file");
   const char *list = fo_config_get(cfg, "record", "channels");
   int rc;
+
+  rc = setup_sendgrid(cfg, sendgrid_out);
+  if (rc != FO_OK)
+    return rc;
+  if (*sendgrid_out != NULL)
+    fo_engine_set_channel(e, FO_CH_EMAIL, *sendgrid_out);
 
   if (fo_config_has_section(cfg, "record") && file != NULL) {
     rc = fo_record_new(file, record_out);
@@ -83,6 +155,10 @@ static int setup_channels(const fo_config *cfg, fo_engine *e,
     const char *name = fo_channel_name((fo_channel_kind)k);
     bool recorded = false;
 
+    if (k == FO_CH_EMAIL && *sendgrid_out != NULL)
+      continue;
+    if (k == FO_CH_SMS && fo_config_has_section(cfg, "twilio"))
+      continue;
     if (*record_out != NULL && list != NULL) {
       char buf[128];
 
@@ -164,6 +240,11 @@ static int start_admin(const fo_config *cfg, fo_engine *e,
   ac.publish = *pub;
   ac.max_event_bytes =
       (size_t)fo_config_get_int(cfg, "kafka", "max_event_bytes");
+  if (fo_config_has_section(cfg, "twilio")) {
+    ac.twilio_auth_token = fo_config_get(cfg, "twilio", "auth_token");
+    ac.twilio_callback_url =
+        fo_config_get(cfg, "twilio", "status_callback_url");
+  }
   if (fo_admin_start(&ac, admin, err, sizeof(err)) != FO_OK) {
     fo_log_error("fanoutd", "cannot start the admin API",
                  "listen=%s error=\"%s\"", ac.listen, err);
@@ -197,6 +278,8 @@ int main(int argc, char **argv) {
   fo_kmock *mock = NULL;
   fo_engine *e = NULL;
   fo_channel *record = NULL;
+  fo_channel *sendgrid = NULL;
+  fo_channel *twilio = NULL;
   fo_publish *pub = NULL;
   fo_admin *admin = NULL;
   fo_log_level level;
@@ -237,7 +320,9 @@ int main(int argc, char **argv) {
                  err);
     goto out;
   }
-  if (setup_channels(cfg, e, &record) != FO_OK)
+  if (setup_channels(cfg, e, &record, &sendgrid) != FO_OK)
+    goto out;
+  if (setup_twilio(cfg, e, &twilio) != FO_OK)
     goto out;
   if (fo_engine_start(e) != FO_OK)
     goto out;
@@ -271,9 +356,21 @@ out:
     fo_admin_stop(admin);
   if (pub != NULL)
     fo_publish_free(pub);
+  /* The engine's stop shut it down already, unless the start failed
+   * before; it uses the engine's store, so it stops before that goes. */
+  if (twilio != NULL)
+    twilio->ops->shutdown(twilio->self);
   fo_engine_free(e);
+  if (twilio != NULL)
+    twilio->ops->destroy(twilio->self);
   if (record != NULL)
     record->ops->destroy(record->self);
+  if (sendgrid != NULL) {
+    /* Shut down already when the engine stopped; not when the start
+     * failed before that. */
+    sendgrid->ops->shutdown(sendgrid->self);
+    sendgrid->ops->destroy(sendgrid->self);
+  }
   fo_kmock_stop(mock);
   fo_config_free(cfg);
   return exit_code;

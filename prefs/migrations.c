@@ -78,6 +78,10 @@ static const migration migrations[] = {
    " created_at timestamptz NOT NULL DEFAULT now());"
    /* The inbox is read per user, newest first. */
    "CREATE INDEX inbox_user_id_idx ON inbox (user_id, id);"},
+  /* Status callbacks find their delivery by the provider's message id. */
+  {2,
+   "CREATE INDEX delivery_log_provider_idx ON delivery_log"
+   " (channel, provider_id) WHERE provider_id IS NOT NULL;"},
 };
 
 #define NMIGRATIONS ((int)(sizeof(migrations) / sizeof(migrations[0])))

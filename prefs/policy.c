@@ -329,7 +329,7 @@ void fo_policy_flush(fo_policy *p) {
   if (p->conf.limits == NULL)
     return;
   while ((n = take_marks(p, ops, 256)) > 0) {
-    fo_limits_decide(p->conf.limits, ops, n);
+    fo_limiter_decide(p->conf.limits, ops, n);
     free_mark_ops(ops, n);
   }
 }
@@ -500,7 +500,7 @@ static void policy_check(void *self, fo_delivery *const *ds, size_t n,
     op->claim_ms = p->conf.claim_ms;
     op->ttl_ms = dedup_ttl(d->event, now);
   }
-  fo_limits_decide(p->conf.limits, ops, nops);
+  fo_limiter_decide(p->conf.limits, ops, nops);
   free_mark_ops(ops, nmarks);
 
   {
@@ -555,7 +555,7 @@ static void policy_check(void *self, fo_delivery *const *ds, size_t n,
     capped_idx[nops++] = open[k];
   }
   if (nops > 0) {
-    fo_limits_decide(p->conf.limits, ops, nops);
+    fo_limiter_decide(p->conf.limits, ops, nops);
     for (size_t k = 0; k < nops; k++) {
       if (ops[k].result != FO_LIMIT_CAPPED)
         continue;

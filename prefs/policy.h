@@ -17,7 +17,7 @@
 #include <stdint.h>
 
 #include "dispatch.h"
-#include "limits.h"
+#include "limiter.h"
 #include "queue.h"
 #include "store.h"
 
@@ -25,7 +25,7 @@ typedef struct fo_policy fo_policy;
 
 typedef struct fo_policy_conf {
   fo_store *store;              /* required */
-  fo_limits *limits;            /* NULL: no caps, dedup by the log only */
+  fo_limiter *limits;            /* NULL: no caps, dedup by the log only */
   fo_dlog *dlog;                /* NULL: outcomes are not logged */
   size_t cache_users;           /* most users kept in the cache */
   int64_t claim_ms;             /* how long a dedup claim holds */

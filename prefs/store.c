@@ -881,9 +881,14 @@ static int load_prefs(const char *user, const char *text, fo_prefs *out) {
 }
 
 /* The user, the preferences document and the devices as
- * [[platform, token, app, invalid_since_ms|null]] in one round trip. */
+ * [[platform, token, app, invalid_since_ms|null]] in one round trip. A
+ * phone the SMS provider refused (sms_unusable_since) is no address: the
+ * policy then ends SMS deliveries `no_address` without a request, until
+ * the number is changed. */
 static const char sql_recipient[] =
-    "SELECT u.email, u.phone, u.timezone, u.locale,"
+    "SELECT u.email,"
+    " CASE WHEN u.sms_unusable_since IS NULL THEN u.phone END,"
+    " u.timezone, u.locale,"
     " (SELECT p.doc::text FROM preferences p WHERE p.user_id = u.id),"
     " (SELECT json_agg(json_build_array(d.platform, d.token, d.app, "
     TS_MS("d.invalid_since") ") ORDER BY d.registered_at, d.token)::text"
@@ -1195,6 +1200,8 @@ int fo_store_event_get(fo_store *s, const char *event_id, json_t **out) {
   return rc;
 }
 
+/* `delivered` and `undelivered` are what a provider's status callback
+ * made of a `sent` row: the message went out all the same. */
 int fo_store_delivery_sent(fo_store *s, const char *event_id,
                            const char *user, fo_channel_kind channel) {
   const char *p[] = {event_id, user, fo_channel_name(channel)};
@@ -1205,11 +1212,107 @@ int fo_store_delivery_sent(fo_store *s, const char *event_id,
     return FO_ENOENT;
   rc = query_named(s, "fo_delivery_sent",
                    "SELECT 1 FROM delivery_log WHERE event_id = $1"
-                   " AND user_id = $2 AND channel = $3 AND status = 'sent'",
+                   " AND user_id = $2 AND channel = $3"
+                   " AND status IN ('sent', 'delivered', 'undelivered')",
                    3, p, true, &r);
   if (rc != FO_OK)
     return rc;
   rc = PQntuples(r) > 0 ? FO_OK : FO_ENOENT;
+  PQclear(r);
+  return rc;
+}
+
+/* ---- provider feedback (SMS) ---- */
+
+/* Only while the user still has that number: a number changed since the
+ * send is a new address, usable until its own refusal. */
+int fo_store_phone_unusable(fo_store *s, const char *user,
+                            const char *phone, int64_t at_ms) {
+  char at[24];
+  const char *p[] = {user, phone, at};
+  PGresult *r = NULL;
+  int rc;
+
+  if (!id_ok(user) || phone == NULL)
+    return FO_ENOENT;
+  snprintf(at, sizeof(at), "%lld", (long long)at_ms);
+  rc = query(s,
+             "WITH u AS (UPDATE users SET sms_unusable_since = "
+             MS_TS("$3") " WHERE id = $1 AND phone = $2"
+             " AND sms_unusable_since IS NULL RETURNING id)"
+             " SELECT pg_notify('fanout_user', u.id) FROM u",
+             3, p, true, &r);
+  if (rc != FO_OK)
+    return rc;
+  rc = PQntuples(r) > 0 ? FO_OK : FO_ENOENT;
+  PQclear(r);
+  return rc;
+}
+
+static json_t *channel_off_apply(const json_t *current, void *arg,
+                                 int *fn_rc) {
+  const char *name = arg;
+  json_t *doc = current != NULL ? json_deep_copy(current) : json_object();
+  json_t *chans;
+
+  if (doc == NULL) {
+    *fn_rc = FO_ENOMEM;
+    return NULL;
+  }
+  chans = json_object_get(doc, "channels");
+  if (!json_is_object(chans)) {
+    chans = json_object();
+    if (chans == NULL || json_object_set_new(doc, "channels", chans) != 0)
+      goto oom;
+  }
+  if (json_object_set_new(chans, name, json_false()) != 0)
+    goto oom;
+  return doc;
+
+oom:
+  json_decref(doc);
+  *fn_rc = FO_ENOMEM;
+  return NULL;
+}
+
+/* Through the same locked read-modify-write as PATCH, so a concurrent
+ * edit of another preference is kept, and its NOTIFY drops the user from
+ * every instance's cache. */
+int fo_store_channel_off(fo_store *s, const char *user,
+                         fo_channel_kind channel) {
+  json_t *out = NULL;
+  int rc;
+
+  if ((unsigned)channel >= FO_CH_COUNT)
+    return FO_EINVAL;
+  rc = fo_store_prefs_update(s, user, channel_off_apply,
+                             (void *)fo_channel_name(channel), &out);
+  json_decref(out);
+  return rc;
+}
+
+int fo_store_delivery_update_by_provider(fo_store *s,
+                                         fo_channel_kind channel,
+                                         const char *provider_id,
+                                         const char *status,
+                                         const char *reason) {
+  const char *p[] = {fo_channel_name(channel), provider_id, status, reason};
+  PGresult *r = NULL;
+  int rc;
+
+  if ((unsigned)channel >= FO_CH_COUNT || status == NULL ||
+      status[0] == '\0')
+    return FO_EINVAL;
+  if (provider_id == NULL || provider_id[0] == '\0')
+    return FO_ENOENT;
+  rc = query(s,
+             "UPDATE delivery_log SET status = $3, reason = $4,"
+             " updated_at = now()"
+             " WHERE channel = $1 AND provider_id = $2",
+             4, p, true, &r);
+  if (rc != FO_OK)
+    return rc;
+  rc = strcmp(PQcmdTuples(r), "0") == 0 ? FO_ENOENT : FO_OK;
   PQclear(r);
   return rc;
 }

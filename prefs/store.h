@@ -162,6 +162,39 @@ int fo_store_event_get(fo_store *s, const char *event_id, json_t **out);
 int fo_store_delivery_sent(fo_store *s, const char *event_id,
                            const char *user, fo_channel_kind channel);
 
+/* ---- provider feedback ---- */
+
+/*
+ * Marks the user's phone unusable for SMS as of `at_ms` (the provider
+ * said the number is invalid or not a mobile), when `phone` is still the
+ * user's number and not marked already. The recipient the policy loads
+ * then has no phone; fo_store_user_put() with a different number clears
+ * the mark. Returns FO_OK, FO_ENOENT (no such user with that number, or
+ * marked already), FO_EIO or FO_ENOMEM.
+ */
+int fo_store_phone_unusable(fo_store *s, const char *user,
+                            const char *phone, int64_t at_ms);
+
+/*
+ * Turns `channel` off in the user's preferences (channels.NAME = false),
+ * keeping the rest of the document, as a PATCH would. Returns FO_OK,
+ * FO_ENOENT (no such user), FO_EIO or FO_ENOMEM.
+ */
+int fo_store_channel_off(fo_store *s, const char *user,
+                         fo_channel_kind channel);
+
+/*
+ * Sets the status (and reason, NULL for none) of the delivery log rows of
+ * `channel` whose provider message id is `provider_id`; used by status
+ * callbacks ("delivered", "undelivered"). Returns FO_OK, FO_ENOENT (no
+ * such message), FO_EINVAL, FO_EIO or FO_ENOMEM.
+ */
+int fo_store_delivery_update_by_provider(fo_store *s,
+                                         fo_channel_kind channel,
+                                         const char *provider_id,
+                                         const char *status,
+                                         const char *reason);
+
 /*
  * The delivery log writer: outcomes are queued in memory and written by a
  * thread of its own in batches (one multi-row upsert per batch), so the

@@ -42,7 +42,7 @@
 #include "fanout/channel.h"
 #include "fanout/common.h"
 #include "fanout/event.h"
-#include "limits.h"
+#include "limiter.h"
 #include "log.h"
 #include "metrics.h"
 #include "policy.h"
@@ -1026,7 +1026,7 @@ static int check_all_sent(const fo_dispatch_stats *a,
 typedef struct stage {
   fo_store *store;
   fo_dlog *dlog;
-  fo_limits *limits;
+  fo_limiter *limits;
   fo_policy *policy;
 } stage;
 
@@ -1044,11 +1044,11 @@ static int stage_open(const bench_env *env, stage *st, char *err,
     snprintf(err, errlen, "delivery log: %s", fo_strerror(rc));
     return rc;
   }
-  if ((rc = fo_limits_open(env->redis_url, false, &st->limits)) != FO_OK) {
+  if ((rc = fo_limiter_open(env->redis_url, false, &st->limits)) != FO_OK) {
     snprintf(err, errlen, "limits: %s", fo_strerror(rc));
     return rc;
   }
-  if (!fo_limits_ping(st->limits)) {
+  if (!fo_limiter_ping(st->limits)) {
     snprintf(err, errlen, "limits: Redis does not answer");
     return FO_EIO;
   }
@@ -1075,7 +1075,7 @@ static void stage_close(stage *st) {
     fo_store_close(st->store);
   fo_policy_free(st->policy);
   if (st->limits != NULL)
-    fo_limits_close(st->limits);
+    fo_limiter_close(st->limits);
 }
 
 /* ---- one run (a child process) ---- */

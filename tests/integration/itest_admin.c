@@ -34,7 +34,7 @@
 #include "admin.h"
 #include "fanout/common.h"
 #include "kafka_mock.h"
-#include "limits.h"
+#include "limiter.h"
 #include "log.h"
 #include "publish.h"
 #include "store.h"
@@ -51,7 +51,7 @@ static struct {
   char *dsn;                    /* the run's own database */
   PGconn *pg;                   /* to look behind the API */
   fo_store *store;
-  fo_limits *limits;
+  fo_limiter *limits;
   fo_kmock *kafka;
   fo_publish *pub;
   fo_admin *admin;
@@ -426,7 +426,7 @@ static int setup(void **state) {
   }
   g.pg = PQconnectdb(g.dsn);
   if (PQstatus(g.pg) != CONNECTION_OK ||
-      fo_limits_open(redis, false, &g.limits) != FO_OK ||
+      fo_limiter_open(redis, false, &g.limits) != FO_OK ||
       fo_kmock_start(topics, 1, &g.kafka, err, sizeof(err)) != FO_OK ||
       fo_publish_new(fo_kmock_bootstraps(g.kafka), TOPIC, &g.pub, err,
                      sizeof(err)) != FO_OK) {
@@ -452,7 +452,7 @@ static int teardown(void **state) {
   fo_admin_stop(g.admin);
   fo_publish_free(g.pub);
   fo_kmock_stop(g.kafka);
-  fo_limits_close(g.limits);
+  fo_limiter_close(g.limits);
   if (g.pg != NULL)
     PQfinish(g.pg);
   fo_store_close(g.store);
@@ -1441,7 +1441,7 @@ static void test_degraded_dependencies(void **state) {
                      .timeout_s = 2,
                      .publish_timeout_ms = 700};
   fo_publish *dead_pub = NULL;
-  fo_limits *dead_redis = NULL;
+  fo_limiter *dead_redis = NULL;
   fo_admin *a = NULL;
   int64_t t0, took;
   char err[256], url[64];
@@ -1457,7 +1457,7 @@ static void test_degraded_dependencies(void **state) {
   silent = silent_listener(&silent_port);
   assert_true(silent >= 0);
   snprintf(url, sizeof(url), "redis://127.0.0.1:%d", silent_port);
-  assert_int_equal(fo_limits_open(url, false, &dead_redis), FO_OK);
+  assert_int_equal(fo_limiter_open(url, false, &dead_redis), FO_OK);
   c.store = g.store;
   c.limits = dead_redis;
   c.publish = dead_pub;
@@ -1539,7 +1539,7 @@ static void test_degraded_dependencies(void **state) {
   t0 = fo_now_ms();
   fo_publish_free(dead_pub);
   assert_true(fo_now_ms() - t0 < 5000);
-  fo_limits_close(dead_redis);
+  fo_limiter_close(dead_redis);
   close(silent);
 }
 

@@ -2,14 +2,14 @@
 /*
  * Shared per-user limits in Redis: rate caps and deduplication claims,
  * decided for a whole batch of deliveries in one pipelined round trip
- * (one atomic script call per decision), so that every fanoutd instance
- * sees the same counts.
+ * (one script call per up to 128 decisions, each decision atomic), so
+ * that every fanoutd instance sees the same counts.
  *
- * Threads: a fo_limits is one Redis connection with a mutex; callers on
+ * Threads: a fo_limiter is one Redis connection with a mutex; callers on
  * several threads share it, or open one each.
  */
-#ifndef FO_LIMITS_H
-#define FO_LIMITS_H
+#ifndef FO_LIMITER_H
+#define FO_LIMITER_H
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -18,7 +18,7 @@
 #include "fanout/event.h"
 #include "prefs.h"
 
-typedef struct fo_limits fo_limits;
+typedef struct fo_limiter fo_limiter;
 
 /*
  * Connects to `url` ("redis://host:port[/db]", optional password as
@@ -27,18 +27,19 @@ typedef struct fo_limits fo_limits;
  * (instead of pass) while Redis is unreachable. Returns FO_OK and *out,
  * or FO_EINVAL for a bad URL, or FO_ENOMEM.
  */
-int fo_limits_open(const char *url, bool fail_closed, fo_limits **out);
-void fo_limits_close(fo_limits *l);
+int fo_limiter_open(const char *url, bool fail_closed, fo_limiter **out);
+void fo_limiter_close(fo_limiter *l);
 
 /* True when Redis answers PING now (for /healthz). */
-bool fo_limits_ping(fo_limits *l);
+bool fo_limiter_ping(fo_limiter *l);
 
 /* One decision of a batch. Inputs first, then the result. */
 typedef enum fo_limit_kind {
   FO_LIMIT_CAP = 0,             /* count one against a cap */
   FO_LIMIT_CLAIM,               /* claim a delivery before sending */
   FO_LIMIT_DONE,                /* the delivery was sent: remember it */
-  FO_LIMIT_RELEASE              /* it was not sent: drop the claim */
+  FO_LIMIT_RELEASE,             /* it was not sent: drop the claim */
+  FO_LIMIT_RATE                 /* count one send against a sender's rate */
 } fo_limit_kind;
 
 typedef enum fo_limit_result {
@@ -46,23 +47,28 @@ typedef enum fo_limit_result {
   FO_LIMIT_CAPPED,              /* the cap is reached in this window */
   FO_LIMIT_DUPLICATE,           /* already sent */
   FO_LIMIT_BUSY,                /* claimed by another attempt right now */
-  FO_LIMIT_UNAVAILABLE          /* Redis unreachable: caller decides */
+  FO_LIMIT_UNAVAILABLE,         /* Redis unreachable: caller decides */
+  FO_LIMIT_THROTTLED            /* the sender's rate is used up this second */
 } fo_limit_result;
 
 typedef struct fo_limit_op {
   fo_limit_kind kind;
-  const char *user;
+  const char *user;             /* not with FO_LIMIT_RATE */
   fo_channel_kind channel;
   /* FO_LIMIT_CAP */
   fo_cap cap;
-  int64_t now_ms;
+  int64_t now_ms;               /* also FO_LIMIT_RATE */
+  /* FO_LIMIT_RATE */
+  const char *sender;           /* e.g. the SMS sender number */
+  int64_t rate;                 /* sends per second, > 0 */
   /* FO_LIMIT_CLAIM / DONE / RELEASE */
   const char *event_id;
   int64_t ttl_ms;               /* how long to remember a sent delivery */
   int64_t claim_ms;             /* how long a claim holds */
   /* result */
   fo_limit_result result;
-  int64_t retry_after_ms;       /* with BUSY: when the claim lapses */
+  int64_t retry_after_ms;       /* with BUSY: when the claim lapses;
+                                 * with THROTTLED: the next second */
 } fo_limit_op;
 
 /*
@@ -70,11 +76,14 @@ typedef struct fo_limit_op {
  * when it passes (a capped delivery does not use the window up); windows
  * are fixed, aligned on UTC minutes, hours and days. A claim is atomic:
  * of two instances claiming the same delivery, one gets PASS and the other
- * BUSY, and a delivery marked DONE gets DUPLICATE for `ttl_ms`.
+ * BUSY, and a delivery marked DONE gets DUPLICATE for `ttl_ms`. A rate
+ * counts sends per sender in fixed 1-second windows (UTC seconds): PASS
+ * counts one, THROTTLED counts nothing and says when the next window
+ * starts.
  * Returns FO_OK (each op has its result) or FO_EIO when Redis is
  * unreachable (each op then has FO_LIMIT_UNAVAILABLE, except caps when
  * fail-open, which get PASS, and when fail-closed, CAPPED).
  */
-int fo_limits_decide(fo_limits *l, fo_limit_op *ops, size_t n);
+int fo_limiter_decide(fo_limiter *l, fo_limit_op *ops, size_t n);
 
-#endif /* FO_LIMITS_H */
+#endif /* FO_LIMITER_H */

@@ -19,14 +19,18 @@
  *       first count.
  *   fo:dd:<len>:<event>:<len>:<user>:<channel>
  *       "claim:<token>" while an attempt holds the delivery (token: 16 hex
- *       digits, random per fo_limits), then "done" once it was sent.
+ *       digits, random per fo_limiter), then "done" once it was sent.
+ *   fo:rate:<len>:<sender>:<window_start_s>
+ *       sends of one sender (an SMS number) in a 1-second window; counted
+ *       like a cap, by the same script function, and expires 2 s after
+ *       its first count.
  * <len> is the byte length in decimal and <channel> the channel's name.
  *
  * Known limitation: one script call touches the keys of many users, so
  * the module needs a Redis that holds every key (one server, or the
  * primary of a Sentinel group); Redis Cluster refuses such calls.
  */
-#include "limits.h"
+#include "limiter.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -51,6 +55,7 @@
 #define LIMITS_RETRY_MS 500
 #define LIMITS_LOG_MS 30000
 #define LIMITS_CAP_GRACE_S 60
+#define LIMITS_RATE_TTL_S 2
 #define LIMITS_DEFAULT_PORT 6379
 #define LIMITS_SHA_LEN 40
 #define LIMITS_TOKEN_LEN 16
@@ -60,7 +65,7 @@
 #define LIMITS_CHUNK 128
 
 /*
- * KEYS[i] is the key of operation i, ARGV[1] the token of this fo_limits
+ * KEYS[i] is the key of operation i, ARGV[1] the token of this fo_limiter
  * and ARGV[3i-1 .. 3i+1] the kind of operation i ('c' cap, 'l' claim,
  * 'd' done, 'r' release) and its two arguments. The reply holds two
  * entries per operation, in order: code 0 pass, 1 capped (then the
@@ -118,7 +123,7 @@ enum {
   LIMITS_R_ERROR
 };
 
-struct fo_limits {
+struct fo_limiter {
   pthread_mutex_t lock;
 
   /* Set at open, read-only after: safe to read without the lock. */
@@ -225,7 +230,7 @@ static bool limits_host_char(char c, bool bracketed) {
  * redis://[[user]:password@]host[:port][/db]. The password may hold any
  * byte as %XX. A userinfo without ':' is refused rather than guessed at.
  */
-static int limits_parse_url(fo_limits *l, const char *url) {
+static int limits_parse_url(fo_limiter *l, const char *url) {
   static const char scheme[] = "redis://";
   const char *p, *at, *host, *end, *hend, *slash;
   bool bracketed = false;
@@ -388,7 +393,7 @@ static bool limits_setup(redisContext *c, int argc, const char **argv,
  * Reads only the fields fixed at open, so it runs without the lock.
  * Returns the context and fills `sha`, or NULL with a reason in `why`.
  */
-static redisContext *limits_connect(const fo_limits *l, char *sha,
+static redisContext *limits_connect(const fo_limiter *l, char *sha,
                                     char *why, size_t cap) {
   struct timeval ctv = {0, LIMITS_CONNECT_MS * 1000};
   struct timeval ttv = {LIMITS_COMMAND_MS / 1000,
@@ -455,7 +460,7 @@ fail:
  * idle timeout), else after the retry interval, so a server that accepts
  * and then fails is not hammered. Lock held.
  */
-static void limits_mark_down(fo_limits *l, const char *reason) {
+static void limits_mark_down(fo_limiter *l, const char *reason) {
   int64_t now = fo_now_ms();
   char why[256];
 
@@ -488,7 +493,7 @@ static void limits_mark_down(fo_limits *l, const char *reason) {
  * up to the connect timeout plus a command timeout per setup command when
  * a server accepts connections but does not answer.
  */
-static bool limits_ensure_up(fo_limits *l) {
+static bool limits_ensure_up(fo_limiter *l) {
   char why[256] = "";
   char sha[LIMITS_SHA_LEN + 1];
   redisContext *c;
@@ -540,7 +545,7 @@ static void limits_make_token(char *out) {
   snprintf(out, LIMITS_TOKEN_LEN + 1, "%016llx", (unsigned long long)v);
 }
 
-void fo_limits_close(fo_limits *l) {
+void fo_limiter_close(fo_limiter *l) {
   if (l == NULL)
     return;
   if (l->ctx != NULL)
@@ -558,8 +563,8 @@ void fo_limits_close(fo_limits *l) {
   free(l);
 }
 
-int fo_limits_open(const char *url, bool fail_closed, fo_limits **out) {
-  fo_limits *l;
+int fo_limiter_open(const char *url, bool fail_closed, fo_limiter **out) {
+  fo_limiter *l;
   int rc;
 
   if (out == NULL)
@@ -592,11 +597,11 @@ int fo_limits_open(const char *url, bool fail_closed, fo_limits **out) {
   return FO_OK;
 
 fail:
-  fo_limits_close(l);
+  fo_limiter_close(l);
   return rc;
 }
 
-bool fo_limits_ping(fo_limits *l) {
+bool fo_limiter_ping(fo_limiter *l) {
   const char *argv[] = {"PING", NULL};
   redisReply *r;
   bool ok = false;
@@ -641,6 +646,8 @@ static int64_t limits_floor_div(int64_t a, int64_t b) {
 }
 
 static bool limits_op_valid(const fo_limit_op *op) {
+  if (op->kind == FO_LIMIT_RATE)
+    return op->sender != NULL && op->rate > 0;
   if (op->user == NULL || (int)op->channel < 0 ||
       (int)op->channel >= FO_CH_COUNT)
     return false;
@@ -661,7 +668,7 @@ static bool limits_op_valid(const fo_limit_op *op) {
 }
 
 /* The result an op gets when Redis gave none. */
-static void limits_fallback(fo_limits *l, fo_limit_op *op) {
+static void limits_fallback(fo_limiter *l, fo_limit_op *op) {
   op->retry_after_ms = 0;
   if (op->kind != FO_LIMIT_CAP) {
     op->result = FO_LIMIT_UNAVAILABLE;
@@ -734,13 +741,37 @@ static size_t limits_bulk_num(char *p, long long v) {
   return limits_bulk(p, d, limits_dec(d, v));
 }
 
-/* Writes the op's key (format in the file header) into l->key. */
-static int limits_key(fo_limits *l, const fo_limit_op *op, size_t *len) {
-  const char *ch = fo_channel_name(op->channel);
-  size_t ul = strlen(op->user), cl = strlen(ch);
-  size_t el = op->kind == FO_LIMIT_CAP ? 0 : strlen(op->event_id);
-  size_t n = 0;
+/* Writes the key of a rate op into l->key. */
+static int limits_rate_key(fo_limiter *l, const fo_limit_op *op,
+                           size_t *len) {
+  size_t sl = strlen(op->sender), n = 0;
   char *k;
+
+  if (limits_reserve(&l->key, &l->key_cap, sl + 64) != FO_OK)
+    return FO_ENOMEM;
+  k = l->key;
+  n += limits_put(k + n, "fo:rate:", 8);
+  n += limits_dec(k + n, (long long)sl);
+  k[n++] = ':';
+  n += limits_put(k + n, op->sender, sl);
+  k[n++] = ':';
+  n += limits_dec(k + n, (long long)limits_floor_div(op->now_ms, 1000));
+  *len = n;
+  return FO_OK;
+}
+
+/* Writes the op's key (format in the file header) into l->key. */
+static int limits_key(fo_limiter *l, const fo_limit_op *op, size_t *len) {
+  const char *ch;
+  size_t ul, cl, el, n = 0;
+  char *k;
+
+  if (op->kind == FO_LIMIT_RATE)
+    return limits_rate_key(l, op, len);
+  ch = fo_channel_name(op->channel);
+  ul = strlen(op->user);
+  cl = strlen(ch);
+  el = op->kind == FO_LIMIT_CAP ? 0 : strlen(op->event_id);
 
   /* Room for the text, three numbers and the separators. */
   if (limits_reserve(&l->key, &l->key_cap, ul + el + cl + 96) != FO_OK)
@@ -784,7 +815,7 @@ static int limits_key(fo_limits *l, const fo_limit_op *op, size_t *len) {
  * straight into l->buf, which saves the per-argument formatting that
  * hiredis would do.
  */
-static int limits_append(fo_limits *l, const fo_limit_op *ops,
+static int limits_append(fo_limiter *l, const fo_limit_op *ops,
                          const size_t *idx, size_t cnt) {
   size_t used = 0, klen;
   char *b;
@@ -825,6 +856,11 @@ static int limits_append(fo_limits *l, const fo_limit_op *ops,
           b + used, (long long)(limits_period_s(op->cap.per) +
                                 LIMITS_CAP_GRACE_S));
       break;
+    case FO_LIMIT_RATE:
+      used += limits_bulk(b + used, "c", 1);
+      used += limits_bulk_num(b + used, (long long)op->rate);
+      used += limits_bulk_num(b + used, LIMITS_RATE_TTL_S);
+      break;
     case FO_LIMIT_CLAIM:
       used += limits_bulk(b + used, "l", 1);
       used += limits_bulk_num(b + used, (long long)op->claim_ms);
@@ -850,7 +886,7 @@ static int limits_append(fo_limits *l, const fo_limit_op *ops,
 /* Counts and logs a decision Redis did not make (a foreign value under
  * the op's key, out of memory): the op gets the fallback, the batch goes
  * on. */
-static void limits_refused(fo_limits *l, fo_limit_op *op, const char *why) {
+static void limits_refused(fo_limiter *l, fo_limit_op *op, const char *why) {
   fo_counter_add(l->errors, 1);
   fo_log_rl(&l->rl_reply, LIMITS_LOG_MS, FO_LOG_WARN, LIMITS_MOD,
             "redis refused a decision", "err=\"%s\"", why);
@@ -858,7 +894,7 @@ static void limits_refused(fo_limits *l, fo_limit_op *op, const char *why) {
 }
 
 /* Reads one op's pair of reply entries into its result. */
-static void limits_read_op(fo_limits *l, fo_limit_op *op,
+static void limits_read_op(fo_limiter *l, fo_limit_op *op,
                            const redisReply *c, const redisReply *v) {
   if (c->type == REDIS_REPLY_INTEGER && v->type == REDIS_REPLY_INTEGER) {
     long long n = v->integer;
@@ -869,6 +905,11 @@ static void limits_read_op(fo_limits *l, fo_limit_op *op,
       op->result = FO_LIMIT_PASS;
       return;
     case LIMITS_R_CAPPED:
+      if (op->kind == FO_LIMIT_RATE) {
+        op->result = FO_LIMIT_THROTTLED;
+        op->retry_after_ms = 1000 - (op->now_ms % 1000 + 1000) % 1000;
+        return;
+      }
       op->result = FO_LIMIT_CAPPED;
       return;
     case LIMITS_R_DUP:
@@ -895,7 +936,7 @@ static void limits_read_op(fo_limits *l, fo_limit_op *op,
 /* Reads the reply of one call into the results of ops[idx[0..cnt)].
  * Returns true when the script was missing (NOSCRIPT): the call did not
  * run at all, so every op of it must be sent again. */
-static bool limits_read(fo_limits *l, fo_limit_op *ops, const size_t *idx,
+static bool limits_read(fo_limiter *l, fo_limit_op *ops, const size_t *idx,
                         size_t cnt, const redisReply *r) {
   const char *why = "unexpected reply";
 
@@ -925,7 +966,7 @@ static bool limits_read(fo_limits *l, fo_limit_op *ops, const size_t *idx,
  * without an answer gets the fallback, *m is 0, and the result is FO_EIO
  * (FO_ENOMEM when the pipeline could not be built). Lock held.
  */
-static int limits_run(fo_limits *l, fo_limit_op *ops, size_t *idx,
+static int limits_run(fo_limiter *l, fo_limit_op *ops, size_t *idx,
                       size_t *m) {
   size_t n = *m, keep = 0, i = 0, j, cnt;
   int rc = FO_EIO;
@@ -977,7 +1018,7 @@ broken:
 
 /* Loads the script again after Redis lost it (SCRIPT FLUSH, restart
  * without persistence of scripts, failover). Lock held. */
-static int limits_reload(fo_limits *l) {
+static int limits_reload(fo_limiter *l) {
   const char *argv[] = {"SCRIPT", "LOAD", limits_script, NULL};
   redisReply *r = limits_command(l->ctx, 3, argv, NULL);
 
@@ -999,7 +1040,7 @@ static int limits_reload(fo_limits *l) {
   return FO_OK;
 }
 
-int fo_limits_decide(fo_limits *l, fo_limit_op *ops, size_t n) {
+int fo_limiter_decide(fo_limiter *l, fo_limit_op *ops, size_t n) {
   size_t m = 0;
   int rc = FO_OK;
 

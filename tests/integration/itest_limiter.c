@@ -3,7 +3,7 @@
  * Rate caps and dedup claims against a real Redis: the private server of
  * the test services (FANOUT_REDIS_URL) for the semantics, and a second
  * redis-server started here on a free port, with a password and a
- * database number, to kill, stop and restart under a live fo_limits.
+ * database number, to kill, stop and restart under a live fo_limiter.
  * Every key is derived from ids unique to this run, so runs never meet.
  */
 #include <stdarg.h>
@@ -27,7 +27,7 @@
 
 #include "fanout/common.h"
 #include "itest.h"
-#include "limits.h"
+#include "limiter.h"
 #include "log.h"
 #include "metrics.h"
 
@@ -50,7 +50,7 @@ static void sleep_ms(int ms) {
 }
 
 static void uniq(char *out, size_t cap, const char *name) {
-  snprintf(out, cap, "itest_limits-%s-%s", g_run, name);
+  snprintf(out, cap, "itest_limiter-%s-%s", g_run, name);
 }
 
 static const char *redis_url(void) {
@@ -126,7 +126,7 @@ static long long raw_int(redisContext *c, const char *cmd, const char *key,
   return v;
 }
 
-/* The key formats documented in prefs/limits.c. */
+/* The key formats documented in prefs/limiter.c. */
 static size_t key_cap(char *out, size_t cap, const char *user,
                       const char *ch, long long per, long long start) {
   return (size_t)snprintf(out, cap, "fo:cap:%zu:%s:%s:%lld:%lld",
@@ -169,17 +169,17 @@ static fo_limit_op dd_op(fo_limit_kind kind, const char *event,
   return op;
 }
 
-static fo_limit_result one(fo_limits *l, fo_limit_op op, int want_rc) {
-  assert_int_equal(fo_limits_decide(l, &op, 1), want_rc);
+static fo_limit_result one(fo_limiter *l, fo_limit_op op, int want_rc) {
+  assert_int_equal(fo_limiter_decide(l, &op, 1), want_rc);
   return op.result;
 }
 
-static fo_limits *open_main(bool fail_closed) {
-  fo_limits *l = NULL;
+static fo_limiter *open_main(bool fail_closed) {
+  fo_limiter *l = NULL;
 
-  assert_int_equal(fo_limits_open(redis_url(), fail_closed, &l), FO_OK);
+  assert_int_equal(fo_limiter_open(redis_url(), fail_closed, &l), FO_OK);
   assert_non_null(l);
-  assert_true(fo_limits_ping(l));
+  assert_true(fo_limiter_ping(l));
   return l;
 }
 
@@ -278,17 +278,17 @@ static void test_url_refused_or_accepted(void **state) {
       "redis://127.0.0.1:1", "redis://127.0.0.1:1/", "redis://127.0.0.1:1/15",
       "redis://:p%40ss/w@127.0.0.1:1/2", "redis://user:pw@127.0.0.1:1",
       "redis://[::1]:1/0"};
-  fo_limits *l = NULL;
+  fo_limiter *l = NULL;
 
   (void)state;
   for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-    fo_limits *b = (fo_limits *)&b;
+    fo_limiter *b = (fo_limiter *)&b;
 
-    if (fo_limits_open(bad[i], false, &b) != FO_EINVAL)
+    if (fo_limiter_open(bad[i], false, &b) != FO_EINVAL)
       fail_msg("accepted %s", bad[i]);
-    assert_ptr_equal(b, (fo_limits *)&b);
+    assert_ptr_equal(b, (fo_limiter *)&b);
   }
-  assert_int_equal(fo_limits_open(NULL, false, &l), FO_EINVAL);
+  assert_int_equal(fo_limiter_open(NULL, false, &l), FO_EINVAL);
   assert_null(l);
 
   /* Nothing listens on port 1: these open, and stay down. */
@@ -296,58 +296,58 @@ static void test_url_refused_or_accepted(void **state) {
     int64_t t0 = fo_now_ms();
 
     l = NULL;
-    if (fo_limits_open(good[i], false, &l) != FO_OK)
+    if (fo_limiter_open(good[i], false, &l) != FO_OK)
       fail_msg("refused %s", good[i]);
     assert_true(fo_now_ms() - t0 < 1000);
-    assert_false(fo_limits_ping(l));
-    fo_limits_close(l);
+    assert_false(fo_limiter_ping(l));
+    fo_limiter_close(l);
   }
-  fo_limits_close(NULL);
+  fo_limiter_close(NULL);
 }
 
 static void test_bad_ops_refused(void **state) {
-  fo_limits *l = NULL;
+  fo_limiter *l = NULL;
   fo_limit_op ops[2];
 
   (void)state;
-  assert_int_equal(fo_limits_open("redis://127.0.0.1:1", true, &l), FO_OK);
-  assert_int_equal(fo_limits_decide(l, NULL, 0), FO_OK);
-  assert_int_equal(fo_limits_decide(l, NULL, 1), FO_EINVAL);
-  assert_int_equal(fo_limits_decide(NULL, ops, 0), FO_EINVAL);
+  assert_int_equal(fo_limiter_open("redis://127.0.0.1:1", true, &l), FO_OK);
+  assert_int_equal(fo_limiter_decide(l, NULL, 0), FO_OK);
+  assert_int_equal(fo_limiter_decide(l, NULL, 1), FO_EINVAL);
+  assert_int_equal(fo_limiter_decide(NULL, ops, 0), FO_EINVAL);
 
   /* One bad op refuses the batch and leaves every result untouched. */
   ops[0] = cap_op("u", FO_CAP_MINUTE, 1, DAY0_MS);
   ops[1] = cap_op(NULL, FO_CAP_MINUTE, 1, DAY0_MS);
-  assert_int_equal(fo_limits_decide(l, ops, 2), FO_EINVAL);
+  assert_int_equal(fo_limiter_decide(l, ops, 2), FO_EINVAL);
   assert_int_equal(ops[0].result, FO_LIMIT_BUSY);
   assert_int_equal(ops[0].retry_after_ms, -7);
   ops[1] = cap_op("u", FO_CAP_MINUTE, 0, DAY0_MS);
-  assert_int_equal(fo_limits_decide(l, ops, 2), FO_EINVAL);
+  assert_int_equal(fo_limiter_decide(l, ops, 2), FO_EINVAL);
   ops[1] = cap_op("u", (fo_cap_period)9, 1, DAY0_MS);
-  assert_int_equal(fo_limits_decide(l, ops, 2), FO_EINVAL);
+  assert_int_equal(fo_limiter_decide(l, ops, 2), FO_EINVAL);
   ops[1] = cap_op("u", FO_CAP_MINUTE, 1, DAY0_MS);
   ops[1].channel = (fo_channel_kind)FO_CH_COUNT;
-  assert_int_equal(fo_limits_decide(l, ops, 2), FO_EINVAL);
+  assert_int_equal(fo_limiter_decide(l, ops, 2), FO_EINVAL);
   ops[1] = dd_op(FO_LIMIT_CLAIM, NULL, "u", 1000, 1000);
-  assert_int_equal(fo_limits_decide(l, ops, 2), FO_EINVAL);
+  assert_int_equal(fo_limiter_decide(l, ops, 2), FO_EINVAL);
   ops[1] = dd_op(FO_LIMIT_CLAIM, "e", "u", 0, 1000);
-  assert_int_equal(fo_limits_decide(l, ops, 2), FO_EINVAL);
+  assert_int_equal(fo_limiter_decide(l, ops, 2), FO_EINVAL);
   ops[1] = dd_op(FO_LIMIT_DONE, "e", "u", 1000, 0);
-  assert_int_equal(fo_limits_decide(l, ops, 2), FO_EINVAL);
+  assert_int_equal(fo_limiter_decide(l, ops, 2), FO_EINVAL);
   ops[1] = dd_op((fo_limit_kind)7, "e", "u", 1000, 1000);
-  assert_int_equal(fo_limits_decide(l, ops, 2), FO_EINVAL);
+  assert_int_equal(fo_limiter_decide(l, ops, 2), FO_EINVAL);
   assert_int_equal(ops[0].result, FO_LIMIT_BUSY);
   assert_int_equal(ops[0].retry_after_ms, -7);
 
   /* A cap with no period needs no Redis, even a dead one. */
   ops[0] = cap_op("u", FO_CAP_NONE, 0, DAY0_MS);
-  assert_int_equal(fo_limits_decide(l, ops, 1), FO_OK);
+  assert_int_equal(fo_limiter_decide(l, ops, 1), FO_OK);
   assert_int_equal(ops[0].result, FO_LIMIT_PASS);
-  fo_limits_close(l);
+  fo_limiter_close(l);
 }
 
 static void test_cap_counts_exactly_limit(void **state) {
-  fo_limits *l = open_main(false);
+  fo_limiter *l = open_main(false);
   redisContext *raw = raw_main();
   char user[128], key[256], val[64];
   int64_t now = DAY0_MS + 7 * 60000 + 1234;
@@ -392,11 +392,11 @@ static void test_cap_counts_exactly_limit(void **state) {
                    FO_LIMIT_CAPPED);
 
   redisFree(raw);
-  fo_limits_close(l);
+  fo_limiter_close(l);
 }
 
 static void test_cap_windows_roll_on_utc_boundaries(void **state) {
-  fo_limits *l = open_main(false);
+  fo_limiter *l = open_main(false);
   char user[128];
   /* The minute [DAY0 + 60 s, DAY0 + 120 s). */
   int64_t start = DAY0_MS + 60000;
@@ -438,13 +438,13 @@ static void test_cap_windows_roll_on_utc_boundaries(void **state) {
   assert_int_equal(
       one(l, cap_op(user, FO_CAP_DAY, 1, DAY0_MS + 86400000), FO_OK),
       FO_LIMIT_PASS);
-  fo_limits_close(l);
+  fo_limiter_close(l);
 }
 
 enum { RACE_LIMIT = 137, RACE_TOTAL = 1000, RACE_THREADS = 4 };
 
 typedef struct race_arg {
-  fo_limits *l;
+  fo_limiter *l;
   const char *user;
   int seed;
   atomic_int *passed;
@@ -467,7 +467,7 @@ static void *race_thread(void *p) {
     for (int i = 0; i < n; i++)
       ops[i] = cap_op(a->user, FO_CAP_HOUR, RACE_LIMIT,
                       DAY0_MS + 5 * 3600000 + i);
-    if (fo_limits_decide(a->l, ops, (size_t)n) != FO_OK) {
+    if (fo_limiter_decide(a->l, ops, (size_t)n) != FO_OK) {
       atomic_fetch_add(a->errors, 1);
       break;
     }
@@ -483,7 +483,7 @@ static void *race_thread(void *p) {
 }
 
 static void test_cap_race_across_instances(void **state) {
-  fo_limits *l[2] = {open_main(false), open_main(false)};
+  fo_limiter *l[2] = {open_main(false), open_main(false)};
   redisContext *raw = raw_main();
   pthread_t th[RACE_THREADS];
   race_arg args[RACE_THREADS];
@@ -509,13 +509,13 @@ static void test_cap_race_across_instances(void **state) {
   raw_get(raw, key, klen, val, sizeof(val));
   assert_int_equal(atoi(val), RACE_LIMIT);
   redisFree(raw);
-  fo_limits_close(l[0]);
-  fo_limits_close(l[1]);
+  fo_limiter_close(l[0]);
+  fo_limiter_close(l[1]);
 }
 
 static void test_claim_busy_done_duplicate_release(void **state) {
-  fo_limits *a = open_main(false);
-  fo_limits *b = open_main(false);
+  fo_limiter *a = open_main(false);
+  fo_limiter *b = open_main(false);
   redisContext *raw = raw_main();
   char ev[128], key[256], val[64];
   fo_limit_op op;
@@ -533,7 +533,7 @@ static void test_claim_busy_done_duplicate_release(void **state) {
 
   /* Held: another instance, and this one again, are told when it lapses. */
   op = dd_op(FO_LIMIT_CLAIM, ev, "u1", 30000, 0);
-  assert_int_equal(fo_limits_decide(b, &op, 1), FO_OK);
+  assert_int_equal(fo_limiter_decide(b, &op, 1), FO_OK);
   assert_int_equal(op.result, FO_LIMIT_BUSY);
   assert_true(op.retry_after_ms > 25000 && op.retry_after_ms <= 30000);
   assert_int_equal(one(a, dd_op(FO_LIMIT_CLAIM, ev, "u1", 30000, 0), FO_OK),
@@ -578,13 +578,13 @@ static void test_claim_busy_done_duplicate_release(void **state) {
                    FO_LIMIT_DUPLICATE);
 
   redisFree(raw);
-  fo_limits_close(a);
-  fo_limits_close(b);
+  fo_limiter_close(a);
+  fo_limiter_close(b);
 }
 
 static void test_claims_and_marks_lapse(void **state) {
-  fo_limits *a = open_main(false);
-  fo_limits *b = open_main(false);
+  fo_limiter *a = open_main(false);
+  fo_limiter *b = open_main(false);
   char ev[128];
 
   (void)state;
@@ -604,8 +604,8 @@ static void test_claims_and_marks_lapse(void **state) {
   sleep_ms(600);
   assert_int_equal(one(a, dd_op(FO_LIMIT_CLAIM, ev, "u", 400, 0), FO_OK),
                    FO_LIMIT_PASS);
-  fo_limits_close(a);
-  fo_limits_close(b);
+  fo_limiter_close(a);
+  fo_limiter_close(b);
 }
 
 static void test_hostile_ids_do_not_collide(void **state) {
@@ -615,7 +615,7 @@ static void test_hostile_ids_do_not_collide(void **state) {
       "%s%n", "line\nbreak", "",    ":",       "::",        "fo:dd:1:a",
       "1",   "a:email", "a:1:b:email", "\\x00", "b:a"};
   enum { N = sizeof(ids) / sizeof(ids[0]) };
-  fo_limits *l = open_main(false);
+  fo_limiter *l = open_main(false);
   redisContext *raw = raw_main();
   fo_limit_op ops[N * N];
   char pre[128], (*ev)[160] = calloc(N, sizeof(*ev));
@@ -639,13 +639,13 @@ static void test_hostile_ids_do_not_collide(void **state) {
     for (int j = 0; j < N; j++)
       ops[n++] = dd_op(FO_LIMIT_CLAIM, ev[i], us[j], 60000, 0);
   }
-  assert_int_equal(fo_limits_decide(l, ops, n), FO_OK);
+  assert_int_equal(fo_limiter_decide(l, ops, n), FO_OK);
   for (size_t i = 0; i < n; i++) {
     if (ops[i].result != FO_LIMIT_PASS)
       fail_msg("claim %zu (%s, %s) was %d", i, ops[i].event_id,
                ops[i].user, ops[i].result);
   }
-  assert_int_equal(fo_limits_decide(l, ops, n), FO_OK);
+  assert_int_equal(fo_limiter_decide(l, ops, n), FO_OK);
   for (size_t i = 0; i < n; i++)
     assert_int_equal(ops[i].result, FO_LIMIT_BUSY);
 
@@ -663,23 +663,23 @@ static void test_hostile_ids_do_not_collide(void **state) {
     snprintf(u, sizeof(us[j]), "%s:%s", pre, ids[j]);
     ops[n++] = cap_op(u, FO_CAP_MINUTE, 1, DAY0_MS);
   }
-  assert_int_equal(fo_limits_decide(l, ops, n), FO_OK);
+  assert_int_equal(fo_limiter_decide(l, ops, n), FO_OK);
   for (size_t i = 0; i < n; i++)
     assert_int_equal(ops[i].result, FO_LIMIT_PASS);
-  assert_int_equal(fo_limits_decide(l, ops, n), FO_OK);
+  assert_int_equal(fo_limiter_decide(l, ops, n), FO_OK);
   for (size_t i = 0; i < n; i++)
     assert_int_equal(ops[i].result, FO_LIMIT_CAPPED);
 
   free(ev);
   free(us);
   redisFree(raw);
-  fo_limits_close(l);
+  fo_limiter_close(l);
 }
 
 enum { BIG = 10000, BIG_USERS = 40, BIG_CAPS = 4000, BIG_CLAIMS = 3000 };
 
 static void test_batch_of_ten_thousand(void **state) {
-  fo_limits *l = open_main(false);
+  fo_limiter *l = open_main(false);
   fo_limit_op *ops = calloc(BIG, sizeof(*ops));
   char (*users)[96] = calloc(BIG_USERS, sizeof(*users));
   char (*evs)[96] = calloc(BIG_CLAIMS, sizeof(*evs));
@@ -717,7 +717,7 @@ static void test_batch_of_ten_thousand(void **state) {
   assert_int_equal(n, BIG);
 
   t0 = fo_now_us();
-  assert_int_equal(fo_limits_decide(l, ops, n), FO_OK);
+  assert_int_equal(fo_limiter_decide(l, ops, n), FO_OK);
   us = fo_now_us() - t0;
   print_message("10000 mixed ops in one batch: %.1f ms, %.0f ops/s\n",
                 (double)us / 1000.0, BIG * 1e6 / (double)(us > 0 ? us : 1));
@@ -735,14 +735,14 @@ static void test_batch_of_ten_thousand(void **state) {
    * pass. */
   for (int i = 0; i < BIG_CLAIMS; i++)
     ops[i] = dd_op(FO_LIMIT_CLAIM, evs[i], "u", 60000, 0);
-  assert_int_equal(fo_limits_decide(l, ops, BIG_CLAIMS), FO_OK);
+  assert_int_equal(fo_limiter_decide(l, ops, BIG_CLAIMS), FO_OK);
   for (int i = 0; i < BIG_CLAIMS; i++)
     assert_int_equal(ops[i].result, i < BIG_CLAIMS / 2 ? FO_LIMIT_DUPLICATE
                                                        : FO_LIMIT_PASS);
   free(ops);
   free(users);
   free(evs);
-  fo_limits_close(l);
+  fo_limiter_close(l);
 }
 
 /* ---- A batch decides as its ops one by one -------------------------- */
@@ -883,7 +883,7 @@ static void eq_same_state(redisContext *raw, const eq_space *a,
 static void test_batch_equals_one_by_one(void **state) {
   fo_counter *errors = fo_metrics_counter("fanout_redis_errors_total", "",
                                           NULL);
-  fo_limits *l = open_main(true);
+  fo_limiter *l = open_main(true);
   redisContext *raw = raw_main();
   eq_space *sa = calloc(1, sizeof(*sa)), *sb = calloc(1, sizeof(*sb));
   fo_limit_op *a = calloc(EQ_OPS, sizeof(*a));
@@ -906,14 +906,14 @@ static void test_batch_equals_one_by_one(void **state) {
 
   e0 = fo_counter_value(errors);
   t0 = fo_now_ms();
-  assert_int_equal(fo_limits_decide(l, a, EQ_OPS), FO_OK);
+  assert_int_equal(fo_limiter_decide(l, a, EQ_OPS), FO_OK);
   ms_a = fo_now_ms() - t0;
   err_a = fo_counter_value(errors) - e0;
 
   e0 = fo_counter_value(errors);
   t0 = fo_now_ms();
   for (int i = 0; i < EQ_OPS; i++)
-    assert_int_equal(fo_limits_decide(l, &b[i], 1), FO_OK);
+    assert_int_equal(fo_limiter_decide(l, &b[i], 1), FO_OK);
   ms_b = fo_now_ms() - t0;
   err_b = fo_counter_value(errors) - e0;
   print_message("%d ops: %lld ms in one batch, %lld ms one by one\n",
@@ -955,11 +955,11 @@ static void test_batch_equals_one_by_one(void **state) {
   free(sa);
   free(sb);
   redisFree(raw);
-  fo_limits_close(l);
+  fo_limiter_close(l);
 }
 
 static void test_script_flush_is_survived(void **state) {
-  fo_limits *l = open_main(false);
+  fo_limiter *l = open_main(false);
   redisContext *raw = raw_main();
   redisReply *r;
   fo_limit_op ops[7], *many;
@@ -980,7 +980,7 @@ static void test_script_flush_is_survived(void **state) {
   for (int i = 0; i < 6; i++)
     ops[i] = cap_op(user, FO_CAP_MINUTE, 5, DAY0_MS);
   ops[6] = dd_op(FO_LIMIT_CLAIM, user, "u", 60000, 0);
-  assert_int_equal(fo_limits_decide(l, ops, 7), FO_OK);
+  assert_int_equal(fo_limiter_decide(l, ops, 7), FO_OK);
   for (int i = 0; i < 6; i++)
     assert_int_equal(ops[i].result,
                      i < 4 ? FO_LIMIT_PASS : FO_LIMIT_CAPPED);
@@ -999,7 +999,7 @@ static void test_script_flush_is_survived(void **state) {
   uniq(user, sizeof(user), "noscript-many");
   for (int i = 0; i < 300; i++)
     many[i] = cap_op(user, FO_CAP_MINUTE, 250, DAY0_MS);
-  assert_int_equal(fo_limits_decide(l, many, 300), FO_OK);
+  assert_int_equal(fo_limiter_decide(l, many, 300), FO_OK);
   for (int i = 0; i < 300; i++)
     assert_int_equal(many[i].result,
                      i < 250 ? FO_LIMIT_PASS : FO_LIMIT_CAPPED);
@@ -1008,13 +1008,13 @@ static void test_script_flush_is_survived(void **state) {
   assert_string_equal(val, "250");
   free(many);
   redisFree(raw);
-  fo_limits_close(l);
+  fo_limiter_close(l);
 }
 
 /* A value under our key that the script cannot read gets the fallback
  * for that op alone. */
 static void test_foreign_value_gets_fallback(void **state) {
-  fo_limits *l = open_main(true);
+  fo_limiter *l = open_main(true);
   redisContext *raw = raw_main();
   redisReply *r;
   fo_limit_op ops[2];
@@ -1029,19 +1029,19 @@ static void test_foreign_value_gets_fallback(void **state) {
   freeReplyObject(r);
   ops[0] = cap_op(user, FO_CAP_MINUTE, 5, DAY0_MS);
   ops[1] = cap_op(user, FO_CAP_HOUR, 5, DAY0_MS);
-  assert_int_equal(fo_limits_decide(l, ops, 2), FO_OK);
+  assert_int_equal(fo_limiter_decide(l, ops, 2), FO_OK);
   assert_int_equal(ops[0].result, FO_LIMIT_CAPPED);
   assert_int_equal(ops[1].result, FO_LIMIT_PASS);
   r = redisCommand(raw, "DEL %b", key, klen);
   freeReplyObject(r);
   redisFree(raw);
-  fo_limits_close(l);
+  fo_limiter_close(l);
 }
 
 /* Auth, database and the password kept out of the log. */
 static void test_auth_select_and_secret(void **state) {
   child_redis *cr = &g_child;
-  fo_limits *l = NULL;
+  fo_limiter *l = NULL;
   redisContext *raw;
   char url[256], key[256], val[64], logpath[600];
   FILE *logf;
@@ -1057,11 +1057,11 @@ static void test_auth_select_and_secret(void **state) {
   fo_log_set_level(FO_LOG_DEBUG);
 
   child_url(cr, url, sizeof(url));
-  assert_int_equal(fo_limits_open(url, false, &l), FO_OK);
-  assert_true(fo_limits_ping(l));
+  assert_int_equal(fo_limiter_open(url, false, &l), FO_OK);
+  assert_true(fo_limiter_ping(l));
   assert_int_equal(one(l, dd_op(FO_LIMIT_CLAIM, "ev", "u", 60000, 0), FO_OK),
                    FO_LIMIT_PASS);
-  fo_limits_close(l);
+  fo_limiter_close(l);
 
   /* The claim landed in the database the URL named. */
   klen = key_dd(key, sizeof(key), "ev", "u", "email");
@@ -1079,16 +1079,16 @@ static void test_auth_select_and_secret(void **state) {
   /* An ACL user works; a wrong password is an outage, not a crash. */
   snprintf(url, sizeof(url), "redis://default:%s@127.0.0.1:%d",
            CHILD_PASS_URL, cr->port);
-  assert_int_equal(fo_limits_open(url, false, &l), FO_OK);
-  assert_true(fo_limits_ping(l));
-  fo_limits_close(l);
+  assert_int_equal(fo_limiter_open(url, false, &l), FO_OK);
+  assert_true(fo_limiter_ping(l));
+  fo_limiter_close(l);
   snprintf(url, sizeof(url), "redis://:hunter2-wrong@127.0.0.1:%d",
            cr->port);
-  assert_int_equal(fo_limits_open(url, true, &l), FO_OK);
-  assert_false(fo_limits_ping(l));
+  assert_int_equal(fo_limiter_open(url, true, &l), FO_OK);
+  assert_false(fo_limiter_ping(l));
   assert_int_equal(one(l, cap_op("u", FO_CAP_MINUTE, 5, DAY0_MS), FO_EIO),
                    FO_LIMIT_CAPPED);
-  fo_limits_close(l);
+  fo_limiter_close(l);
 
   fo_log_set_stream(NULL);
   fo_log_set_level(FO_LOG_INFO);
@@ -1109,7 +1109,7 @@ static void test_outage_fallback_and_recovery(void **state) {
   fo_counter *errors = fo_metrics_counter("fanout_redis_errors_total", "",
                                           NULL);
   child_redis *cr = &g_child;
-  fo_limits *open_l = NULL, *closed_l = NULL;
+  fo_limiter *open_l = NULL, *closed_l = NULL;
   fo_limit_op ops[3];
   char url[256], user[128];
   uint64_t fo0, err0;
@@ -1119,8 +1119,8 @@ static void test_outage_fallback_and_recovery(void **state) {
   uniq(user, sizeof(user), "outage");
   child_new(cr);
   child_url(cr, url, sizeof(url));
-  assert_int_equal(fo_limits_open(url, false, &open_l), FO_OK);
-  assert_int_equal(fo_limits_open(url, true, &closed_l), FO_OK);
+  assert_int_equal(fo_limiter_open(url, false, &open_l), FO_OK);
+  assert_int_equal(fo_limiter_open(url, true, &closed_l), FO_OK);
   assert_int_equal(one(open_l, cap_op(user, FO_CAP_DAY, 100, DAY0_MS),
                        FO_OK),
                    FO_LIMIT_PASS);
@@ -1138,14 +1138,14 @@ static void test_outage_fallback_and_recovery(void **state) {
     ops[1] = dd_op(FO_LIMIT_CLAIM, user, "u", 60000, 0);
     ops[2] = cap_op(user, FO_CAP_NONE, 0, DAY0_MS);
     t0 = fo_now_ms();
-    assert_int_equal(fo_limits_decide(open_l, ops, 3), FO_EIO);
+    assert_int_equal(fo_limiter_decide(open_l, ops, 3), FO_EIO);
     worst = fo_now_ms() - t0 > worst ? fo_now_ms() - t0 : worst;
     assert_int_equal(ops[0].result, FO_LIMIT_PASS);
     assert_int_equal(ops[1].result, FO_LIMIT_UNAVAILABLE);
     assert_int_equal(ops[2].result, FO_LIMIT_PASS);
 
     t0 = fo_now_ms();
-    assert_int_equal(fo_limits_decide(closed_l, ops, 3), FO_EIO);
+    assert_int_equal(fo_limiter_decide(closed_l, ops, 3), FO_EIO);
     worst = fo_now_ms() - t0 > worst ? fo_now_ms() - t0 : worst;
     assert_int_equal(ops[0].result, FO_LIMIT_CAPPED);
     assert_int_equal(ops[1].result, FO_LIMIT_UNAVAILABLE);
@@ -1155,7 +1155,7 @@ static void test_outage_fallback_and_recovery(void **state) {
   print_message("slowest call with redis down: %lld ms\n",
                 (long long)worst);
   assert_true(worst < 50);
-  assert_false(fo_limits_ping(open_l));
+  assert_false(fo_limiter_ping(open_l));
   /* Only fail-open caps count, and one per cap decision. */
   assert_int_equal(fo_counter_value(failed_open) - fo0, 30);
   /* Reconnects are spaced: about 2 per second per instance, not one per
@@ -1168,7 +1168,7 @@ static void test_outage_fallback_and_recovery(void **state) {
   t0 = fo_now_ms();
   while (fo_now_ms() - t0 < 3000) {
     ops[0] = cap_op(user, FO_CAP_DAY, 100, DAY0_MS);
-    if (fo_limits_decide(closed_l, ops, 1) == FO_OK) {
+    if (fo_limiter_decide(closed_l, ops, 1) == FO_OK) {
       back_ms = fo_now_ms() - t0;
       break;
     }
@@ -1179,13 +1179,13 @@ static void test_outage_fallback_and_recovery(void **state) {
   assert_true(back_ms >= 0 && back_ms < 1100);
   /* A fresh server: the count starts again, script loaded anew. */
   assert_int_equal(ops[0].result, FO_LIMIT_PASS);
-  assert_true(fo_limits_ping(open_l));
+  assert_true(fo_limiter_ping(open_l));
   assert_int_equal(one(open_l, dd_op(FO_LIMIT_CLAIM, user, "u", 60000, 0),
                        FO_OK),
                    FO_LIMIT_PASS);
 
-  fo_limits_close(open_l);
-  fo_limits_close(closed_l);
+  fo_limiter_close(open_l);
+  fo_limiter_close(closed_l);
   child_kill(cr);
 }
 
@@ -1193,15 +1193,15 @@ static void test_outage_fallback_and_recovery(void **state) {
  * timeout instead of hanging, then fail fast until it answers again. */
 static void test_hung_server_times_out(void **state) {
   child_redis *cr = &g_child;
-  fo_limits *l = NULL;
+  fo_limiter *l = NULL;
   char url[256];
   int64_t t0, took;
 
   (void)state;
   child_new(cr);
   child_url(cr, url, sizeof(url));
-  assert_int_equal(fo_limits_open(url, false, &l), FO_OK);
-  assert_true(fo_limits_ping(l));
+  assert_int_equal(fo_limiter_open(url, false, &l), FO_OK);
+  assert_true(fo_limiter_ping(l));
   sleep_ms(600);
 
   kill(cr->proc.pid, SIGSTOP);
@@ -1222,12 +1222,12 @@ static void test_hung_server_times_out(void **state) {
 
   kill(cr->proc.pid, SIGCONT);
   t0 = fo_now_ms();
-  while (!fo_limits_ping(l) && fo_now_ms() - t0 < 3000)
+  while (!fo_limiter_ping(l) && fo_now_ms() - t0 < 3000)
     sleep_ms(20);
-  assert_true(fo_limits_ping(l));
+  assert_true(fo_limiter_ping(l));
   assert_int_equal(one(l, dd_op(FO_LIMIT_CLAIM, "e2", "u", 1000, 0), FO_OK),
                    FO_LIMIT_PASS);
-  fo_limits_close(l);
+  fo_limiter_close(l);
   child_kill(cr);
 }
 
