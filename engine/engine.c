@@ -207,7 +207,8 @@ void fo_engine_log_summary(fo_engine *e) {
               " queued_items=%" PRIu64 " in_flight=%" PRIu64
               " retry_waiting=%" PRIu64 " sent=%" PRIu64 " failed=%" PRIu64
               " deferred=%" PRIu64 " suppressed=%" PRIu64
-              " paused=%d pauses=%" PRIu64 " events_per_s=%.0f deliveries_per_s=%.0f",
+              " paused=%d pauses=%" PRIu64
+              " events_per_s=%.0f deliveries_per_s=%.0f",
               cs.consumed, cs.dead_lettered, qs.items, ds.in_flight,
               ds.retry_waiting, ds.final_by_status[FO_STATUS_SENT],
               ds.final_by_status[FO_STATUS_FAILED],
