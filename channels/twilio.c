@@ -28,10 +28,12 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 
+#include "buf.h"
 #include "fanout/common.h"
 #include "http.h"
 #include "log.h"
 #include "metrics.h"
+#include "urlenc.h"
 
 #define TW_MOD "twilio"
 #define TW_DEFAULT_TIMEOUT_MS 30000
@@ -123,56 +125,6 @@ bool fo_twilio_e164(const char *phone) {
   return phone[1 + digits] == '\0' && digits >= 7 && digits <= 15;
 }
 
-static int tw_hex(char c) {
-  if (c >= '0' && c <= '9')
-    return c - '0';
-  if (c >= 'a' && c <= 'f')
-    return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F')
-    return c - 'A' + 10;
-  return -1;
-}
-
-/* Decodes s[0..n) into a new string; NULL with *rc set on failure. */
-static char *tw_unescape(const char *s, size_t n, int *rc) {
-  char *out = malloc(n + 1);
-  size_t o = 0;
-
-  if (out == NULL) {
-    *rc = FO_ENOMEM;
-    return NULL;
-  }
-  for (size_t i = 0; i < n; i++) {
-    int hi, lo;
-
-    if (s[i] == '+') {
-      out[o++] = ' ';
-      continue;
-    }
-    if (s[i] != '%') {
-      if (s[i] == '\0')
-        goto bad;
-      out[o++] = s[i];
-      continue;
-    }
-    if (i + 2 >= n)
-      goto bad;
-    hi = tw_hex(s[i + 1]);
-    lo = tw_hex(s[i + 2]);
-    if (hi < 0 || lo < 0 || (hi == 0 && lo == 0))
-      goto bad;
-    out[o++] = (char)(hi * 16 + lo);
-    i += 2;
-  }
-  out[o] = '\0';
-  return out;
-
-bad:
-  free(out);
-  *rc = FO_EINVAL;
-  return NULL;
-}
-
 void fo_twilio_form_clear(fo_twilio_form *f) {
   if (f == NULL)
     return;
@@ -205,11 +157,12 @@ int fo_twilio_form_parse(const char *body, size_t len,
     i += sl + 1;
     if (sl == 0)
       continue;
-    f.kv[2 * f.n] = tw_unescape(seg, nl, &rc);
+    f.kv[2 * f.n] = fo_url_unescape(seg, nl, true, &rc);
     if (f.kv[2 * f.n] == NULL)
       goto fail;
-    f.kv[2 * f.n + 1] = eq != NULL ? tw_unescape(eq + 1, sl - nl - 1, &rc)
-                                   : tw_unescape("", 0, &rc);
+    f.kv[2 * f.n + 1] =
+        eq != NULL ? fo_url_unescape(eq + 1, sl - nl - 1, true, &rc)
+                   : fo_url_unescape("", 0, true, &rc);
     f.n++;
     if (f.kv[2 * f.n - 1] == NULL)
       goto fail;
@@ -298,37 +251,9 @@ bool fo_twilio_signature_ok(const char *auth_token, const char *url,
 
 /* ---- request bodies ---- */
 
-typedef struct tw_buf {
-  char *p;
-  size_t len, cap;
-  bool oom;
-} tw_buf;
-
-static void tw_buf_add(tw_buf *b, const char *s, size_t n) {
-  if (b->oom)
-    return;
-  if (b->len + n + 1 > b->cap) {
-    size_t cap = b->cap > 0 ? b->cap : 256;
-    char *p;
-
-    while (cap < b->len + n + 1)
-      cap *= 2;
-    p = realloc(b->p, cap);
-    if (p == NULL) {
-      b->oom = true;
-      return;
-    }
-    b->p = p;
-    b->cap = cap;
-  }
-  memcpy(b->p + b->len, s, n);
-  b->len += n;
-  b->p[b->len] = '\0';
-}
-
 /* Appends `s` form-encoded: unreserved bytes as they are, the rest as
  * %XX (a space too, which both encodings accept). */
-static void tw_buf_escape(tw_buf *b, const char *s) {
+static void tw_form_escape(fo_buf *b, const char *s) {
   static const char hex[] = "0123456789ABCDEF";
 
   for (; *s != '\0'; s++) {
@@ -338,30 +263,26 @@ static void tw_buf_escape(tw_buf *b, const char *s) {
     if ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
         (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_' ||
         c == '~') {
-      tw_buf_add(b, (const char *)&c, 1);
+      fo_buf_append(b, (const char *)&c, 1);
       continue;
     }
     e[0] = '%';
     e[1] = hex[c >> 4];
     e[2] = hex[c & 15];
-    tw_buf_add(b, e, 3);
+    fo_buf_append(b, e, 3);
   }
 }
 
 /* A new string "name=value", form-encoded; NULL when out of memory. */
 static char *tw_param(const char *prefix, const char *name,
                       const char *value) {
-  tw_buf b = {NULL, 0, 0, false};
+  fo_buf b = FO_BUF_INIT;
 
-  tw_buf_add(&b, prefix, strlen(prefix));
-  tw_buf_add(&b, name, strlen(name));
-  tw_buf_add(&b, "=", 1);
-  tw_buf_escape(&b, value);
-  if (b.oom) {
-    free(b.p);
-    return NULL;
-  }
-  return b.p;
+  fo_buf_append_str(&b, prefix);
+  fo_buf_append_str(&b, name);
+  fo_buf_append(&b, "=", 1);
+  tw_form_escape(&b, value);
+  return fo_buf_take(&b, NULL);
 }
 
 static const char *tw_sms_text(const fo_event *ev) {
@@ -597,7 +518,7 @@ static void tw_send(twilio *t, tw_item *it) {
   static const char *const headers[] = {
       "Content-Type: application/x-www-form-urlencoded",
       "Accept: application/json", NULL};
-  tw_buf b = {NULL, 0, 0, false};
+  fo_buf b = FO_BUF_INIT;
   fo_http_request req;
   char *text = tw_text(d->event);
   int rc;
@@ -606,16 +527,16 @@ static void tw_send(twilio *t, tw_item *it) {
     tw_fail(it, true, "out of memory");
     return;
   }
-  tw_buf_add(&b, "To=", 3);
-  tw_buf_escape(&b, d->recipient->phone);
-  tw_buf_add(&b, "&", 1);
-  tw_buf_add(&b, t->sender_form, strlen(t->sender_form));
-  tw_buf_add(&b, "&Body=", 6);
-  tw_buf_escape(&b, text);
-  tw_buf_add(&b, t->callback_form, strlen(t->callback_form));
+  fo_buf_append(&b, "To=", 3);
+  tw_form_escape(&b, d->recipient->phone);
+  fo_buf_append(&b, "&", 1);
+  fo_buf_append_str(&b, t->sender_form);
+  fo_buf_append(&b, "&Body=", 6);
+  tw_form_escape(&b, text);
+  fo_buf_append_str(&b, t->callback_form);
   free(text);
   if (b.oom) {
-    free(b.p);
+    fo_buf_free(&b);
     tw_fail(it, true, "out of memory");
     return;
   }
@@ -630,7 +551,7 @@ static void tw_send(twilio *t, tw_item *it) {
   req.timeout_ms = t->timeout_ms;
   it->start_us = fo_now_us();
   rc = fo_http_send(t->http, &req, tw_done, it);
-  free(b.p);
+  fo_buf_free(&b);
   if (rc != FO_OK)
     tw_fail(it, true, rc == FO_ECLOSED ? "twilio: channel stopping"
                                        : "twilio: client queue full");
@@ -820,17 +741,13 @@ static int tw_submit(void *self, fo_delivery *d) {
   const char *phone = d->recipient != NULL ? d->recipient->phone : NULL;
   tw_item *it;
   fo_outcome o;
+  bool closed;
 
   pthread_mutex_lock(&t->mu);
-  if (t->closed) {
-    pthread_mutex_unlock(&t->mu);
-    return FO_ECLOSED;
-  }
-  if (t->inflight >= t->max_inflight) {
-    pthread_mutex_unlock(&t->mu);
-    return FO_EFULL;
-  }
+  closed = t->closed;
   pthread_mutex_unlock(&t->mu);
+  if (closed)
+    return FO_ECLOSED;
 
   if (!fo_twilio_e164(phone)) {
     fo_outcome_init(&o, FO_STATUS_SUPPRESSED);
@@ -851,7 +768,16 @@ static int tw_submit(void *self, fo_delivery *d) {
   it->t = t;
   it->d = d;
 
+  /* The bound is checked and taken in one section, so two workers never
+   * share the last slot. */
   pthread_mutex_lock(&t->mu);
+  if (t->closed || t->inflight >= t->max_inflight) {
+    int rc = t->closed ? FO_ECLOSED : FO_EFULL;
+
+    pthread_mutex_unlock(&t->mu);
+    free(it);
+    return rc;
+  }
   t->inflight++;
   fo_gauge_set(t->inflight_gauge, t->inflight);
   if (t->rate > 0) {

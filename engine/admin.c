@@ -34,6 +34,7 @@
 #include "fanout/common.h"
 #include "log.h"
 #include "metrics.h"
+#include "urlenc.h"
 
 #define FO_ADMIN_POOL_THREADS 2u
 #define FO_ADMIN_CONN_LIMIT 1024u
@@ -322,51 +323,6 @@ static bool fo_admin_authorized(fo_admin *a, struct MHD_Connection *conn) {
 
 /* ---- routing ---- */
 
-static int fo_admin_hex(char c) {
-  if (c >= '0' && c <= '9')
-    return c - '0';
-  if (c >= 'a' && c <= 'f')
-    return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F')
-    return c - 'A' + 10;
-  return -1;
-}
-
-/* Percent-decodes `n` bytes into a new string; NULL on a malformed
- * escape (or no memory: *oom). */
-static char *fo_admin_unescape(const char *s, size_t n, size_t *outlen,
-                               bool *oom) {
-  char *out = malloc(n + 1);
-  size_t j = 0;
-
-  *oom = out == NULL;
-  if (out == NULL)
-    return NULL;
-  for (size_t i = 0; i < n; i++) {
-    int hi, lo;
-
-    if (s[i] != '%') {
-      out[j++] = s[i];
-      continue;
-    }
-    if (i + 2 < n) {
-      hi = fo_admin_hex(s[i + 1]);
-      lo = fo_admin_hex(s[i + 2]);
-    } else {
-      hi = lo = -1;
-    }
-    if (hi < 0 || lo < 0) {
-      free(out);
-      return NULL;
-    }
-    out[j++] = (char)(hi * 16 + lo);
-    i += 2;
-  }
-  out[j] = '\0';
-  *outlen = j;
-  return out;
-}
-
 /* User and event ids: 1-128 bytes of UTF-8 without control characters
  * (C0, DEL, C1), the rule events apply to ids and recipients. "." and
  * ".." are refused as clients and proxies rewrite such segments. */
@@ -457,18 +413,21 @@ static bool fo_admin_params(fo_admin_req *r, const char **seg,
   for (int k = 0; r->route->segs[k] != NULL; k++) {
     const char *name = r->route->segs[k];
     bool token = strcmp(name, "{token}") == 0;
-    size_t len = 0;
-    bool oom;
+    int rc = FO_OK;
     char *v;
 
     if (name[0] != '{')
       continue;
-    v = fo_admin_unescape(seg[k], seglen[k], &len, &oom);
-    if (v == NULL && oom) {
+    /* A malformed escape, and %00 (which no valid id or token holds),
+     * is refused like any other invalid value. */
+    v = fo_url_unescape(seg[k], seglen[k], false, &rc);
+    if (v == NULL && rc == FO_ENOMEM) {
       fo_admin_reply_oom(r);
       return false;
     }
     if (v != NULL) {
+      size_t len = strlen(v);
+
       r->params[np++] = v;
       if (token ? fo_admin_token_ok(v, len) : fo_admin_id_ok(v, len))
         continue;

@@ -146,7 +146,7 @@ static bool has_control(const char *s, size_t len) {
   return false;
 }
 
-static bool category_ok(const char *s, size_t len) {
+bool fo_event_category_valid(const char *s, size_t len) {
   if (len < 1 || len > FO_EVENT_CATEGORY_MAX) {
     return false;
   }
@@ -253,7 +253,7 @@ static int decode_category(const json_t *root, const char **out,
     return fail(err, FO_EVR_INVALID_FIELD, "category",
                 "field \"category\" must be a string, got %s", type_name(v));
   }
-  if (!category_ok(json_string_value(v), json_string_length(v))) {
+  if (!fo_event_category_valid(json_string_value(v), json_string_length(v))) {
     return fail(err, FO_EVR_INVALID_FIELD, "category",
                 "field \"category\" must match [a-z0-9_.-]{1,64}");
   }

@@ -11,13 +11,13 @@
 
 #include <inttypes.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "buf.h"
 #include "fanout/common.h"
 
 typedef enum fo_metrics_type {
@@ -337,59 +337,15 @@ int64_t fo_histogram_quantile_us(const fo_histogram *h, double q) {
 }
 
 /* A growable output buffer; `failed` sticks after the first error. */
-typedef struct fo_metrics_buf {
-  char *data;
-  size_t len;
-  size_t cap;
-  bool failed;
-} fo_metrics_buf;
-
-__attribute__((format(printf, 2, 3)))
-static void fo_metrics_printf(fo_metrics_buf *b, const char *fmt, ...) {
-  va_list ap;
-  int n;
-
-  if (b->failed) {
-    return;
-  }
-  for (;;) {
-    size_t room = b->cap - b->len;
-
-    va_start(ap, fmt);
-    n = vsnprintf(b->data + b->len, room, fmt, ap);
-    va_end(ap);
-    if (n < 0) {
-      b->failed = true;
-      return;
-    }
-    if ((size_t)n < room) {
-      b->len += (size_t)n;
-      return;
-    }
-
-    size_t cap = b->cap * 2;
-    while (cap - b->len <= (size_t)n) {
-      cap *= 2;
-    }
-    char *p = realloc(b->data, cap);
-    if (p == NULL) {
-      b->failed = true;
-      return;
-    }
-    b->data = p;
-    b->cap = cap;
-  }
-}
-
 /* HELP text escapes only backslash and newline. */
-static void fo_metrics_put_help(fo_metrics_buf *b, const char *help) {
+static void fo_metrics_put_help(fo_buf *b, const char *help) {
   for (const char *p = help; *p != '\0'; p++) {
     if (*p == '\\') {
-      fo_metrics_printf(b, "\\\\");
+      fo_buf_appendf(b, "\\\\");
     } else if (*p == '\n') {
-      fo_metrics_printf(b, "\\n");
+      fo_buf_appendf(b, "\\n");
     } else {
-      fo_metrics_printf(b, "%c", *p);
+      fo_buf_appendf(b, "%c", *p);
     }
   }
 }
@@ -413,7 +369,7 @@ static void fo_metrics_fmt_seconds(char out[32], uint64_t us) {
   }
 }
 
-static void fo_metrics_put_histogram(fo_metrics_buf *b, const char *name,
+static void fo_metrics_put_histogram(fo_buf *b, const char *name,
                                      const fo_metrics_series *s) {
   uint64_t bk[FO_METRICS_NBUCKETS];
   uint64_t cum = 0;
@@ -428,22 +384,22 @@ static void fo_metrics_put_histogram(fo_metrics_buf *b, const char *name,
     } else {
       snprintf(num, sizeof(num), "+Inf");
     }
-    fo_metrics_printf(b, "%s_bucket{%s%sle=\"%s\"} %" PRIu64 "\n", name,
+    fo_buf_appendf(b, "%s_bucket{%s%sle=\"%s\"} %" PRIu64 "\n", name,
                       s->labels, sep, num, cum);
   }
   fo_metrics_fmt_seconds(num, atomic_load_explicit(&s->u.histogram.sum_us,
                                                    memory_order_relaxed));
   if (s->labels[0] != '\0') {
-    fo_metrics_printf(b, "%s_sum{%s} %s\n", name, s->labels, num);
-    fo_metrics_printf(b, "%s_count{%s} %" PRIu64 "\n", name, s->labels,
+    fo_buf_appendf(b, "%s_sum{%s} %s\n", name, s->labels, num);
+    fo_buf_appendf(b, "%s_count{%s} %" PRIu64 "\n", name, s->labels,
                       total);
   } else {
-    fo_metrics_printf(b, "%s_sum %s\n%s_count %" PRIu64 "\n", name, num,
+    fo_buf_appendf(b, "%s_sum %s\n%s_count %" PRIu64 "\n", name, num,
                       name, total);
   }
 }
 
-static void fo_metrics_put_series(fo_metrics_buf *b,
+static void fo_metrics_put_series(fo_buf *b,
                                   const fo_metrics_family *f,
                                   const fo_metrics_series *s) {
   const char *open = s->labels[0] != '\0' ? "{" : "";
@@ -451,11 +407,11 @@ static void fo_metrics_put_series(fo_metrics_buf *b,
 
   switch (f->type) {
   case FO_METRIC_COUNTER:
-    fo_metrics_printf(b, "%s%s%s%s %" PRIu64 "\n", f->name, open, s->labels,
+    fo_buf_appendf(b, "%s%s%s%s %" PRIu64 "\n", f->name, open, s->labels,
                       close, fo_counter_value(&s->u.counter));
     break;
   case FO_METRIC_GAUGE:
-    fo_metrics_printf(b, "%s%s%s%s %" PRId64 "\n", f->name, open, s->labels,
+    fo_buf_appendf(b, "%s%s%s%s %" PRId64 "\n", f->name, open, s->labels,
                       close, fo_gauge_value(&s->u.gauge));
     break;
   case FO_METRIC_HISTOGRAM:
@@ -477,17 +433,12 @@ static const char *fo_metrics_type_name(fo_metrics_type t) {
 }
 
 int fo_metrics_render(char **out, size_t *len) {
-  fo_metrics_buf b = {0};
+  fo_buf b = FO_BUF_INIT;
+  char *text;
 
   if (out == NULL || len == NULL) {
     return FO_EINVAL;
   }
-  b.cap = 4096;
-  b.data = malloc(b.cap);
-  if (b.data == NULL) {
-    return FO_ENOMEM;
-  }
-  b.data[0] = '\0';
 
   pthread_mutex_lock(&fo_metrics_mu);
   for (const fo_metrics_family *f = fo_metrics_head; f != NULL;
@@ -495,11 +446,11 @@ int fo_metrics_render(char **out, size_t *len) {
     /* A family with no help text gets no HELP line rather than an
      * empty one. */
     if (f->help[0] != '\0') {
-      fo_metrics_printf(&b, "# HELP %s ", f->name);
+      fo_buf_appendf(&b, "# HELP %s ", f->name);
       fo_metrics_put_help(&b, f->help);
-      fo_metrics_printf(&b, "\n");
+      fo_buf_appendf(&b, "\n");
     }
-    fo_metrics_printf(&b, "# TYPE %s %s\n", f->name,
+    fo_buf_appendf(&b, "# TYPE %s %s\n", f->name,
                       fo_metrics_type_name(f->type));
     for (const fo_metrics_series *s = f->series; s != NULL; s = s->next) {
       fo_metrics_put_series(&b, f, s);
@@ -507,12 +458,11 @@ int fo_metrics_render(char **out, size_t *len) {
   }
   pthread_mutex_unlock(&fo_metrics_mu);
 
-  if (b.failed) {
-    free(b.data);
+  text = fo_buf_take(&b, len);
+  if (text == NULL) {
     return FO_ENOMEM;
   }
-  *out = b.data;
-  *len = b.len;
+  *out = text;
   return FO_OK;
 }
 

@@ -71,56 +71,34 @@ static const char sql_batch[] =
 
 /* ---- strings and array literals ---- */
 
-void fo_sbuf_add(fo_sbuf *b, const char *s, size_t n) {
-  if (b->oom)
-    return;
-  if (b->len + n + 1 > b->cap) {
-    size_t cap = b->cap > 0 ? b->cap : 256;
-    char *p;
-
-    while (cap < b->len + n + 1)
-      cap *= 2;
-    p = realloc(b->p, cap);
-    if (p == NULL) {
-      b->oom = true;
-      return;
-    }
-    b->p = p;
-    b->cap = cap;
-  }
-  memcpy(b->p + b->len, s, n);
-  b->len += n;
-  b->p[b->len] = '\0';
+void fo_pg_array_open(fo_buf *b) {
+  fo_buf_append(b, "{", 1);
 }
 
-void fo_pg_array_open(fo_sbuf *b) {
-  fo_sbuf_add(b, "{", 1);
-}
-
-void fo_pg_array_elem(fo_sbuf *b, const char *v) {
+void fo_pg_array_elem(fo_buf *b, const char *v) {
   if (b->len > 0 && b->p[b->len - 1] != '{')
-    fo_sbuf_add(b, ",", 1);
+    fo_buf_append(b, ",", 1);
   if (v == NULL) {
-    fo_sbuf_add(b, "NULL", 4);
+    fo_buf_append(b, "NULL", 4);
     return;
   }
-  fo_sbuf_add(b, "\"", 1);
+  fo_buf_append(b, "\"", 1);
   while (*v != '\0') {
     size_t run = strcspn(v, "\"\\");
 
-    fo_sbuf_add(b, v, run);
+    fo_buf_append(b, v, run);
     v += run;
     if (*v == '\0')
       break;
-    fo_sbuf_add(b, "\\", 1);
-    fo_sbuf_add(b, v, 1);
+    fo_buf_append(b, "\\", 1);
+    fo_buf_append(b, v, 1);
     v++;
   }
-  fo_sbuf_add(b, "\"", 1);
+  fo_buf_append(b, "\"", 1);
 }
 
-void fo_pg_array_close(fo_sbuf *b) {
-  fo_sbuf_add(b, "}", 1);
+void fo_pg_array_close(fo_buf *b) {
+  fo_buf_append(b, "}", 1);
 }
 
 /*
@@ -319,7 +297,7 @@ static size_t collapse(const rec *batch, size_t n, size_t *keep) {
  * it succeeds. */
 static int write_rows(fo_dlog *l, PGconn *c, const rec *batch,
                       const size_t *idx, size_t n) {
-  fo_sbuf a[7] = {{0}};
+  fo_buf a[7] = {{0}};
   const char *params[7];
   int rc = FO_OK;
 
@@ -350,7 +328,7 @@ static int write_rows(fo_dlog *l, PGconn *c, const rec *batch,
   if (rc == FO_OK)
     fo_counter_add(l->m_batches, 1);
   for (int k = 0; k < 7; k++)
-    free(a[k].p);
+    fo_buf_free(&a[k]);
   return rc;
 }
 

@@ -48,6 +48,7 @@
 #include "fanout/common.h"
 #include "log.h"
 #include "metrics.h"
+#include "urlenc.h"
 
 #define LIMITS_MOD "limits"
 #define LIMITS_CONNECT_MS 500
@@ -157,50 +158,6 @@ struct fo_limiter {
 
 /* ---- URL ------------------------------------------------------------- */
 
-static int limits_hex(int c) {
-  if (c >= '0' && c <= '9')
-    return c - '0';
-  if (c >= 'a' && c <= 'f')
-    return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F')
-    return c - 'A' + 10;
-  return -1;
-}
-
-/* Copies s[0..n) with %XX decoded; NULL on a bad escape, NUL, or OOM. */
-static char *limits_unescape(const char *s, size_t n, int *err) {
-  char *out = malloc(n + 1);
-  size_t o = 0;
-
-  if (out == NULL) {
-    *err = FO_ENOMEM;
-    return NULL;
-  }
-  for (size_t i = 0; i < n; i++) {
-    int hi, lo;
-
-    if (s[i] != '%') {
-      out[o++] = s[i];
-      continue;
-    }
-    if (i + 2 >= n)
-      goto bad;
-    hi = limits_hex((unsigned char)s[i + 1]);
-    lo = limits_hex((unsigned char)s[i + 2]);
-    if (hi < 0 || lo < 0 || (hi == 0 && lo == 0))
-      goto bad;
-    out[o++] = (char)(hi * 16 + lo);
-    i += 2;
-  }
-  out[o] = '\0';
-  return out;
-
-bad:
-  free(out);
-  *err = FO_EINVAL;
-  return NULL;
-}
-
 /* Parses a decimal number in s[0..n) within [min, max]. */
 static int limits_number(const char *s, size_t n, long min, long max,
                          long *out) {
@@ -251,13 +208,13 @@ static int limits_parse_url(fo_limiter *l, const char *url) {
     if (colon == NULL)
       return FO_EINVAL;
     if (colon > p) {
-      l->user = limits_unescape(p, (size_t)(colon - p), &rc);
+      l->user = fo_url_unescape(p, (size_t)(colon - p), false, &rc);
       if (l->user == NULL)
         return rc;
     }
     if (at > colon + 1) {
-      l->password = limits_unescape(colon + 1, (size_t)(at - colon - 1),
-                                    &rc);
+      l->password = fo_url_unescape(colon + 1, (size_t)(at - colon - 1),
+                                    false, &rc);
       if (l->password == NULL)
         return rc;
     }

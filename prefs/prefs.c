@@ -221,23 +221,6 @@ static int parse_channels(const json_t *doc, fo_prefs *p,
   return FO_OK;
 }
 
-/* The same rule as event categories, so every event category can be
- * named here. */
-static bool category_name_ok(const char *s, size_t len) {
-  if (len < 1 || len > FO_EVENT_CATEGORY_MAX || strlen(s) != len) {
-    return false;
-  }
-  for (size_t i = 0; i < len; i++) {
-    char c = s[i];
-
-    if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' ||
-          c == '.' || c == '-')) {
-      return false;
-    }
-  }
-  return true;
-}
-
 static int category_cmp(const void *a, const void *b) {
   const fo_prefs_category *x = a;
   const fo_prefs_category *y = b;
@@ -252,7 +235,9 @@ static int parse_one_category(const char *key, size_t key_len,
   int rc;
 
   snprintf(field, sizeof(field), "categories.%s", key);
-  if (!category_name_ok(key, key_len)) {
+  /* The rule of event categories, so every event category can be
+   * named here. */
+  if (!fo_event_category_valid(key, key_len)) {
     return fail(err, field, "field \"%s\": a category name must match "
                 "[a-z0-9_.-]{1,64}", field);
   }

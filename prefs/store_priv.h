@@ -13,6 +13,7 @@
 
 #include <libpq-fe.h>
 
+#include "buf.h"
 #include "store.h"
 
 /* Log module name of the store's records. */
@@ -68,24 +69,14 @@ int fo_store_migrate(PGconn *c, char *err, size_t errlen);
 /* Number of migrations this build knows (the schema version it wants). */
 int fo_store_schema_version(void);
 
-/* A growable string; zero-initialise, free `p` when done. */
-typedef struct fo_sbuf {
-  char *p;
-  size_t len;
-  size_t cap;
-  bool oom;               /* an append failed; the content is cut */
-} fo_sbuf;
-
-void fo_sbuf_add(fo_sbuf *b, const char *s, size_t n);
-
 /*
  * PostgreSQL array literal writer: open, one call per element, close.
  * Every non-NULL element is double-quoted with `"` and `\` escaped, so
  * any byte string (commas, braces, spaces, the text "NULL") survives; a
  * NULL pointer is the SQL NULL element.
  */
-void fo_pg_array_open(fo_sbuf *b);
-void fo_pg_array_elem(fo_sbuf *b, const char *v);
-void fo_pg_array_close(fo_sbuf *b);
+void fo_pg_array_open(fo_buf *b);
+void fo_pg_array_elem(fo_buf *b, const char *v);
+void fo_pg_array_close(fo_buf *b);
 
 #endif /* FO_STORE_PRIV_H */

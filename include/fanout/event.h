@@ -108,6 +108,10 @@ void fo_event_free(fo_event *ev);
 /* Number of (user, channel) work items the event expands into. */
 uint64_t fo_event_items(const fo_event *ev);
 
+/* True when s[0..len) is a valid category name, [a-z0-9_.-]{1,64}; a
+ * NUL byte inside makes it invalid. Events and preferences share it. */
+bool fo_event_category_valid(const char *s, size_t len);
+
 /* Static names: "too_large", "critical", "push", "at_least_once"... */
 const char *fo_event_reason_name(fo_event_reason r);
 const char *fo_priority_name(fo_priority p);

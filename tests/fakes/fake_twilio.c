@@ -34,6 +34,8 @@
 #include <openssl/hmac.h>
 
 #include "fakehttp.h"
+#include "fanout/common.h"
+#include "urlenc.h"
 
 #define FTW_HEADERS 6
 #define FTW_MAX_STEPS 100000
@@ -135,34 +137,6 @@ static char *default_body(int status) {
 
 /* ---- forms ---- */
 
-static int hexval(char c) {
-  if (c >= '0' && c <= '9')
-    return c - '0';
-  c = (char)(c | 0x20);
-  return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-}
-
-static char *form_decode(const char *s, size_t n) {
-  char *out = malloc(n + 1);
-  size_t o = 0;
-
-  if (out == NULL)
-    return NULL;
-  for (size_t i = 0; i < n; i++) {
-    if (s[i] == '+') {
-      out[o++] = ' ';
-    } else if (s[i] == '%' && i + 2 < n && hexval(s[i + 1]) >= 0 &&
-               hexval(s[i + 2]) >= 0) {
-      out[o++] = (char)(hexval(s[i + 1]) * 16 + hexval(s[i + 2]));
-      i += 2;
-    } else {
-      out[o++] = s[i];
-    }
-  }
-  out[o] = '\0';
-  return out;
-}
-
 /* The form as a JSON object of strings; the last of a repeated name. */
 static json_t *form_parse(const char *body, size_t len) {
   json_t *o = json_object();
@@ -175,12 +149,15 @@ static json_t *form_parse(const char *body, size_t len) {
     const char *eq = memchr(seg, '=', sl);
     size_t nl = eq != NULL ? (size_t)(eq - seg) : sl;
     char *name, *value;
+    int rc = FO_OK;
 
     i += sl + 1;
     if (sl == 0)
       continue;
-    name = form_decode(seg, nl);
-    value = eq != NULL ? form_decode(eq + 1, sl - nl - 1) : strdup("");
+    /* A field that does not decode is left out, as if not sent. */
+    name = fo_url_unescape(seg, nl, true, &rc);
+    value = eq != NULL ? fo_url_unescape(eq + 1, sl - nl - 1, true, &rc)
+                       : strdup("");
     if (name != NULL && value != NULL)
       json_object_set_new(o, name, json_string(value));
     free(name);

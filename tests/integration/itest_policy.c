@@ -19,24 +19,12 @@
 
 #include "itest.h"
 
-#define TOKEN "test-admin-token-0123456789"
-
-typedef struct node {
-  itest_proc proc;
-  char dir[512];
-  int port;
-} node;
+typedef itest_node node;
 
 static char g_dsn[512];
 static char g_bootstrap[256];
 static itest_proc g_broker;
 static char g_pfx[32];
-
-static void sleep_ms(int ms) {
-  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000};
-
-  nanosleep(&ts, NULL);
-}
 
 static int setup(void **state) {
   char dir[512];
@@ -62,40 +50,24 @@ static int teardown(void **state) {
  * `redis` (NULL: the test services' Redis). */
 static void start_node_redis(node *n, const char *name, const char *extra,
                              const char *redis) {
-  char cfg[1024], dsn_env[600], redis_env[300];
-  char *env[] = {dsn_env, redis_env, NULL};
+  char cfg[1024];
 
-  assert_int_equal(itest_tmpdir(name, n->dir, sizeof(n->dir)), 0);
-  n->port = itest_free_port();
-  snprintf(cfg, sizeof(cfg),
-           "[admin]\nlisten = 127.0.0.1:%d\n"
-           "[engine]\ndeferred_poll_ms = 100\n%s",
-           n->port, extra != NULL ? extra : "");
-  assert_int_equal(itest_write_config(n->dir, g_bootstrap, cfg), 0);
-  snprintf(dsn_env, sizeof(dsn_env), "FANOUT_POSTGRES_DSN=%s", g_dsn);
-  snprintf(redis_env, sizeof(redis_env), "FANOUT_REDIS_URL=%s",
-           redis != NULL ? redis : getenv("FANOUT_REDIS_URL"));
-  assert_int_equal(itest_start_fanoutd(&n->proc, n->dir, env, 30000), 0);
-  assert_int_equal(itest_wait_log(&n->proc, "admin API listening", 5000), 0);
+  snprintf(cfg, sizeof(cfg), "[engine]\ndeferred_poll_ms = 100\n%s",
+           extra != NULL ? extra : "");
+  assert_int_equal(itest_node_start(n, name, 0, g_bootstrap, g_dsn, redis,
+                                    cfg),
+                   0);
 }
 
 static void start_node(node *n, const char *name, const char *extra) {
   start_node_redis(n, name, extra, NULL);
 }
 
-static int api(node *n, const char *method, const char *path,
-               const char *body, char **resp) {
-  char url[600];
-
-  snprintf(url, sizeof(url), "http://127.0.0.1:%d%s", n->port, path);
-  return itest_http(method, url, TOKEN, body, resp);
-}
-
 static void put_user(node *n, const char *user, const char *body) {
   char path[256];
 
   snprintf(path, sizeof(path), "/v1/users/%s-%s", g_pfx, user);
-  assert_int_equal(api(n, "PUT", path, body, NULL), 200);
+  assert_int_equal(itest_api(n, "PUT", path, body, NULL), 200);
 }
 
 static void put_prefs(node *n, const char *user, const char *body) {
@@ -104,7 +76,7 @@ static void put_prefs(node *n, const char *user, const char *body) {
   int st;
 
   snprintf(path, sizeof(path), "/v1/users/%s-%s/preferences", g_pfx, user);
-  st = api(n, "PUT", path, body, &resp);
+  st = itest_api(n, "PUT", path, body, &resp);
   if (st != 200)
     fail_msg("PUT %s: %d %s", path, st, resp);
   free(resp);
@@ -116,7 +88,7 @@ static void add_device(node *n, const char *user, const char *token) {
   snprintf(path, sizeof(path), "/v1/users/%s-%s/devices", g_pfx, user);
   snprintf(body, sizeof(body), "{\"platform\":\"apns\",\"token\":\"%s-%s\"}",
            g_pfx, token);
-  assert_int_equal(api(n, "POST", path, body, NULL), 201);
+  assert_int_equal(itest_api(n, "POST", path, body, NULL), 201);
 }
 
 /* Produces one event; `users` is a JSON array of names without prefix. */
@@ -149,53 +121,19 @@ static void send_event(const char *id, const char *users,
   json_decref(pto);
 }
 
-/* Status (and reason) of one delivery in the delivery log, or NULL. */
-static char *outcome(node *n, const char *event, const char *user,
-                     const char *channel) {
-  char path[256], want_user[128];
-  char *resp = NULL, *out = NULL;
-  json_t *doc, *d;
-  size_t i;
-
-  snprintf(path, sizeof(path), "/v1/events/%s-%s", g_pfx, event);
-  snprintf(want_user, sizeof(want_user), "%s-%s", g_pfx, user);
-  if (api(n, "GET", path, NULL, &resp) != 200) {
-    free(resp);
-    return NULL;
-  }
-  doc = json_loads(resp, 0, NULL);
-  free(resp);
-  json_array_foreach(json_object_get(doc, "deliveries"), i, d) {
-    const char *st = json_string_value(json_object_get(d, "status"));
-    const char *why = json_string_value(json_object_get(d, "reason"));
-
-    if (strcmp(json_string_value(json_object_get(d, "user")), want_user) ||
-        strcmp(json_string_value(json_object_get(d, "channel")), channel))
-      continue;
-    if (asprintf(&out, "%s%s%s", st, why != NULL ? ":" : "",
-                 why != NULL ? why : "") < 0)
-      out = NULL;
-  }
-  json_decref(doc);
-  return out;
-}
-
 /* Waits until the delivery's log entry is `want`. */
 static void expect(node *n, const char *event, const char *user,
                    const char *channel, const char *want) {
-  char *got = NULL;
+  char ev[128], who[128], got[256];
+  json_t *d;
 
-  for (int i = 0; i < 100; i++) {
-    free(got);
-    got = outcome(n, event, user, channel);
-    if (got != NULL && strcmp(got, want) == 0)
-      break;
-    sleep_ms(100);
-  }
-  if (got == NULL || strcmp(got, want) != 0)
-    fail_msg("%s/%s/%s: want %s, got %s", event, user, channel, want,
-             got != NULL ? got : "(none)");
-  free(got);
+  snprintf(ev, sizeof(ev), "%s-%s", g_pfx, event);
+  snprintf(who, sizeof(who), "%s-%s", g_pfx, user);
+  d = itest_wait_outcome(n, ev, who, channel, want, false, 10000, got,
+                         sizeof(got));
+  if (d == NULL)
+    fail_msg("%s/%s/%s: want %s, got %s", event, user, channel, want, got);
+  json_decref(d);
 }
 
 /* "HH:MM" in UTC, `delta_min` minutes from now. */
@@ -266,7 +204,7 @@ static void test_every_policy_reason(void **state) {
 
     snprintf(id, sizeof(id), "cap%d", i);
     send_event(id, "[\"capped\"]", "\"channels\":[\"push\"]");
-    sleep_ms(200);
+    itest_sleep_ms(200);
   }
   send_event("crit", "[\"capped\",\"quiet\"]",
              "\"channels\":[\"push\"],\"priority\":\"critical\"");
@@ -285,7 +223,7 @@ static void test_every_policy_reason(void **state) {
     size_t before = itest_count_lines(rec, NULL);
 
     send_event("e1", "[\"full\"]", NULL);
-    sleep_ms(1500);
+    itest_sleep_ms(1500);
     assert_int_equal(itest_count_lines(rec, NULL), before);
     expect(&n, "e1", "full", "push", "sent");
   }
@@ -298,12 +236,12 @@ static void test_every_policy_reason(void **state) {
   for (int i = 0; i < 50 && itest_sql(g_dsn, "SELECT count(*) FROM "
                                              "deferred") != 0;
        i++)
-    sleep_ms(100);
+    itest_sleep_ms(100);
   assert_int_equal(itest_sql(g_dsn, "SELECT count(*) FROM deferred"), 0);
 
   /* A replay of the event after the release defers nothing again. */
   send_event("e1", "[\"quiet\"]", "\"channels\":[\"push\"]");
-  sleep_ms(1500);
+  itest_sleep_ms(1500);
   expect(&n, "e1", "quiet", "push", "sent");
   assert_int_equal(itest_sql(g_dsn, "SELECT count(*) FROM deferred"), 0);
 
@@ -329,12 +267,12 @@ static void test_cache_follows_changes_across_instances(void **state) {
     char path[256];
 
     snprintf(path, sizeof(path), "/v1/users/%s-cached/preferences", g_pfx);
-    assert_int_equal(api(&a, "PATCH", path,
+    assert_int_equal(itest_api(&a, "PATCH", path,
                          "{\"channels\":{\"push\":false}}", &resp),
                      200);
     free(resp);
   }
-  sleep_ms(1000);
+  itest_sleep_ms(1000);
   send_event("c2", "[\"cached\"]", "\"channels\":[\"push\"]");
   expect(&b, "c2", "cached", "push", "suppressed:opted_out");
 
@@ -354,7 +292,7 @@ static void test_cap_holds_across_instances(void **state) {
   start_node(&a, "race-a", "[kafka]\ngroup = race\n");
   start_node(&b, "race-b", "[kafka]\ngroup = race\n");
   /* Let the group settle with both members. */
-  sleep_ms(6000);
+  itest_sleep_ms(6000);
   put_user(&a, "racer", "{}");
   add_device(&a, "racer", "tok-racer");
   put_prefs(&a, "racer", "{\"caps\":{\"push\":{\"limit\":5,"
@@ -370,7 +308,7 @@ static void test_cap_holds_across_instances(void **state) {
            "SELECT count(*) FROM delivery_log WHERE user_id = '%s-racer'",
            g_pfx);
   for (int i = 0; i < 200 && itest_sql(g_dsn, sql) < EVENTS; i++)
-    sleep_ms(100);
+    itest_sleep_ms(100);
   snprintf(sql, sizeof(sql),
            "SELECT count(*) FROM delivery_log WHERE user_id = '%s-racer' "
            "AND status = 'sent'",
@@ -416,7 +354,7 @@ static void test_redis_down_degrades(void **state) {
   snprintf(rec, sizeof(rec), "%s/deliveries.jsonl", n.dir);
   assert_int_equal(itest_count_lines(rec, "nr1"), 1);
   send_event("nr1", "[\"nored\"]", "\"channels\":[\"push\"]");
-  sleep_ms(2000);
+  itest_sleep_ms(2000);
   assert_int_equal(itest_count_lines(rec, "nr1"), 1);
 
   {

@@ -19,90 +19,29 @@
 #include <sys/wait.h>
 #include <time.h>
 
-#include <curl/curl.h>
 #include <jansson.h>
 
 #include "itest.h"
 
-#define TOKEN "test-admin-token-0123456789"
 #define API_KEY "SG.test-key-0123456789"
 #define WAIT_MS 20000
 
-typedef struct node {
-  itest_proc proc;
-  char dir[512];
-  int port;
-} node;
+typedef itest_node node;
 
 static char g_dsn[512];
 static char g_bootstrap[256];
 static char g_pfx[32];
 static itest_proc g_broker;
-static itest_proc g_fake;
-static char g_fake_url[64];
-static char g_ca[600];
+static itest_fake g_fake;
 static node g_node;
 static bool g_node_up;
 
-static void sleep_ms(int ms) {
-  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000};
-
-  nanosleep(&ts, NULL);
-}
-
-static int64_t now_ms(void) {
-  struct timespec ts;
-
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* ---- the fake's control API, over HTTPS with its own CA ---- */
-
-typedef struct buf {
-  char *data;
-  size_t len;
-} buf;
-
-static size_t on_data(char *p, size_t size, size_t n, void *arg) {
-  buf *b = arg;
-  char *grown = realloc(b->data, b->len + size * n + 1);
-
-  if (grown == NULL)
-    return 0;
-  b->data = grown;
-  memcpy(b->data + b->len, p, size * n);
-  b->len += size * n;
-  b->data[b->len] = '\0';
-  return size * n;
-}
 
 /* One request to the fake; returns the status, body in *resp (free()). */
 static long fake_call(const char *method, const char *path,
                       const char *body, char **resp) {
-  CURL *h = curl_easy_init();
-  char url[256];
-  buf b = {NULL, 0};
-  long status = -1;
-
-  assert_non_null(h);
-  snprintf(url, sizeof(url), "%s%s", g_fake_url, path);
-  curl_easy_setopt(h, CURLOPT_URL, url);
-  curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
-  curl_easy_setopt(h, CURLOPT_CAINFO, g_ca);
-  curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_data);
-  curl_easy_setopt(h, CURLOPT_WRITEDATA, &b);
-  curl_easy_setopt(h, CURLOPT_TIMEOUT, 10L);
-  if (body != NULL)
-    curl_easy_setopt(h, CURLOPT_POSTFIELDS, body);
-  if (curl_easy_perform(h) == CURLE_OK)
-    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
-  curl_easy_cleanup(h);
-  if (resp != NULL)
-    *resp = b.data != NULL ? b.data : strdup("");
-  else
-    free(b.data);
-  return status;
+  return itest_fake_call(&g_fake, method, path, body, resp);
 }
 
 static void fake_reset(void) {
@@ -152,36 +91,21 @@ static char *fake_message_id(const char *email) {
 /* ---- fanoutd ---- */
 
 static void start_node(node *n, const char *name, const char *api_key) {
-  char cfg[2048], dsn_env[600], redis_env[300];
-  char *env[] = {dsn_env, redis_env, NULL};
+  char cfg[2048];
 
-  assert_int_equal(itest_tmpdir(name, n->dir, sizeof(n->dir)), 0);
-  n->port = itest_free_port();
   /* Short timeouts and backoff keep the retry cases quick. */
   snprintf(cfg, sizeof(cfg),
-           "[admin]\nlisten = 127.0.0.1:%d\n"
            "[engine]\nretry_base_ms = 200\nretry_max_ms = 1000\n"
            "[kafka]\ngroup = sendgrid-%s\n"
            "[sendgrid]\nurl = %s\napi_key = %s\n"
            "from = notifications@example.com\nca_file = %s\n"
            "timeout_ms = 1000\nmax_inflight = 2000\n",
-           n->port, g_pfx, g_fake_url, api_key, g_ca);
-  assert_int_equal(itest_write_config(n->dir, g_bootstrap, cfg), 0);
-  snprintf(dsn_env, sizeof(dsn_env), "FANOUT_POSTGRES_DSN=%s", g_dsn);
-  snprintf(redis_env, sizeof(redis_env), "FANOUT_REDIS_URL=%s",
-           getenv("FANOUT_REDIS_URL"));
-  assert_int_equal(itest_start_fanoutd(&n->proc, n->dir, env, 30000), 0);
-  assert_int_equal(itest_wait_log(&n->proc, "admin API listening", 5000), 0);
+           g_pfx, g_fake.url, api_key, g_fake.ca);
+  assert_int_equal(itest_node_start(n, name, 0, g_bootstrap, g_dsn, NULL,
+                                    cfg),
+                   0);
   assert_int_equal(
       itest_wait_log(&n->proc, "channel sends through SendGrid", 1000), 0);
-}
-
-static int api(node *n, const char *method, const char *path,
-               const char *body, char **resp) {
-  char url[600];
-
-  snprintf(url, sizeof(url), "http://127.0.0.1:%d%s", n->port, path);
-  return itest_http(method, url, TOKEN, body, resp);
 }
 
 static void put_user(node *n, const char *user, const char *email) {
@@ -189,7 +113,7 @@ static void put_user(node *n, const char *user, const char *email) {
 
   snprintf(path, sizeof(path), "/v1/users/%s-%s", g_pfx, user);
   snprintf(body, sizeof(body), "{\"email\":\"%s\"}", email);
-  assert_int_equal(api(n, "PUT", path, body, NULL), 200);
+  assert_int_equal(itest_api(n, "PUT", path, body, NULL), 200);
 }
 
 /* Produces one e-mail event to `users` (names without the prefix), with
@@ -223,59 +147,26 @@ static void send_event(const char *id, const char *const *users, size_t n,
 
 /* The delivery log's entry for (event, user, email), or NULL. */
 static json_t *delivery(node *n, const char *event, const char *user) {
-  char path[256], want[128];
-  char *resp = NULL;
-  json_t *doc, *d, *out = NULL;
-  size_t i;
+  char ev[128], who[128];
 
-  snprintf(path, sizeof(path), "/v1/events/%s-%s", g_pfx, event);
-  snprintf(want, sizeof(want), "%s-%s", g_pfx, user);
-  if (api(n, "GET", path, NULL, &resp) != 200) {
-    free(resp);
-    return NULL;
-  }
-  doc = json_loads(resp, 0, NULL);
-  free(resp);
-  json_array_foreach(json_object_get(doc, "deliveries"), i, d) {
-    if (strcmp(json_string_value(json_object_get(d, "user")), want) == 0 &&
-        strcmp(json_string_value(json_object_get(d, "channel")), "email") ==
-            0)
-      out = json_incref(d);
-  }
-  json_decref(doc);
-  return out;
-}
-
-/* "status" or "status:reason" of an entry. */
-static void summary(const json_t *d, char *out, size_t cap) {
-  const char *why = json_string_value(json_object_get(d, "reason"));
-
-  snprintf(out, cap, "%s%s%s",
-           json_string_value(json_object_get(d, "status")),
-           why != NULL ? ":" : "", why != NULL ? why : "");
+  snprintf(ev, sizeof(ev), "%s-%s", g_pfx, event);
+  snprintf(who, sizeof(who), "%s-%s", g_pfx, user);
+  return itest_delivery(n, ev, who, "email");
 }
 
 /* Waits until the entry reads `want`; returns it (json_decref()). */
 static json_t *expect(node *n, const char *event, const char *user,
                       const char *want) {
-  int64_t end = now_ms() + WAIT_MS;
-  char got[256] = "(none)";
+  char ev[128], who[128], got[256];
+  json_t *d;
 
-  for (;;) {
-    json_t *d = delivery(n, event, user);
-
-    if (d != NULL) {
-      summary(d, got, sizeof(got));
-      if (strcmp(got, want) == 0)
-        return d;
-      json_decref(d);
-    }
-    if (now_ms() > end)
-      break;
-    sleep_ms(50);
-  }
-  fail_msg("%s/%s: want %s, got %s", event, user, want, got);
-  return NULL;
+  snprintf(ev, sizeof(ev), "%s-%s", g_pfx, event);
+  snprintf(who, sizeof(who), "%s-%s", g_pfx, user);
+  d = itest_wait_outcome(n, ev, who, "email", want, false, WAIT_MS, got,
+                         sizeof(got));
+  if (d == NULL)
+    fail_msg("%s/%s: want %s, got %s", event, user, want, got);
+  return d;
 }
 
 static long attempts(const json_t *d) {
@@ -309,27 +200,9 @@ static void free_names(char **names, size_t n) {
 /* ---- setup ---- */
 
 static int start_fake(void) {
-  char dir[512], bin[600], port_s[16], *log, *p;
-  char *argv[] = {bin, "--port", "0", "--ca", g_ca, "--api-key", API_KEY,
-                  NULL};
+  const char *const args[] = {"--api-key", API_KEY, NULL};
 
-  if (itest_tmpdir("sendgrid-fake", dir, sizeof(dir)) != 0)
-    return -1;
-  snprintf(g_ca, sizeof(g_ca), "%s/ca.pem", dir);
-  snprintf(bin, sizeof(bin), "%s", itest_bin("fake-sendgrid"));
-  if (itest_spawn(&g_fake, dir, "fake", argv, NULL) != 0 ||
-      itest_wait_log(&g_fake, "listening port=", 10000) != 0)
-    return -1;
-  log = itest_slurp(g_fake.log, NULL);
-  p = log != NULL ? strstr(log, "listening port=") : NULL;
-  if (p == NULL ||
-      sscanf(p, "listening port=%15[0-9]", port_s) != 1) {
-    free(log);
-    return -1;
-  }
-  snprintf(g_fake_url, sizeof(g_fake_url), "https://127.0.0.1:%s", port_s);
-  free(log);
-  return 0;
+  return itest_fake_start(&g_fake, "fake-sendgrid", "sendgrid-fake", args);
 }
 
 static int setup(void **state) {
@@ -351,7 +224,7 @@ static int teardown(void **state) {
   (void)state;
   if (g_node_up)
     itest_stop(&g_node.proc, SIGTERM, 20000);
-  itest_stop(&g_fake, SIGTERM, 5000);
+  itest_stop(&g_fake.proc, SIGTERM, 5000);
   itest_stop(&g_broker, SIGTERM, 5000);
   itest_db_drop(g_dsn);
   return 0;
@@ -468,7 +341,7 @@ static void test_bad_request_fails_with_message(void **state) {
     assert_int_equal(attempts(d), 1);
     json_decref(d);
   }
-  sleep_ms(500);
+  itest_sleep_ms(500);
   assert_int_equal(fake_requests(), 1);
   free_names(names, 3);
 }
@@ -488,20 +361,20 @@ static void test_refused_recipient_fails_alone(void **state) {
   send_event("part", (const char *const *)names, 3,
              "\"title\":\"t\",\"body\":\"b\"");
   for (size_t i = 0; i < 3; i++) {
-    int64_t end = now_ms() + WAIT_MS;
+    int64_t end = itest_now_ms() + WAIT_MS;
     char got[256] = "";
 
     for (;;) {
       json_t *d = delivery(n, "part", names[i]);
 
       if (d != NULL)
-        summary(d, got, sizeof(got));
+        itest_outcome(d, got, sizeof(got));
       json_decref(d);
       if (strcmp(got, "sent") == 0 ||
           strcmp(got, "failed:Does not contain a valid address.") == 0)
         break;
-      assert_true(now_ms() < end);
-      sleep_ms(50);
+      assert_true(itest_now_ms() < end);
+      itest_sleep_ms(50);
     }
     if (strcmp(got, "sent") == 0)
       sent++;
@@ -531,11 +404,11 @@ static void test_rate_limit_waits_for_reset(void **state) {
            "\"%lld\"}}]",
            (long long)time(NULL) + 2);
   fake_script(script);
-  t0 = now_ms();
+  t0 = itest_now_ms();
   send_event("rl", users, 1, "\"title\":\"t\",\"body\":\"b\"");
   d = expect(n, "rl", "rl", "sent");
   /* The reset is in whole seconds, so at least one full second passed. */
-  assert_true(now_ms() - t0 >= 1000);
+  assert_true(itest_now_ms() - t0 >= 1000);
   assert_int_equal(attempts(d), 2);
   assert_int_equal(fake_requests(), 2);
   json_decref(d);
@@ -590,7 +463,7 @@ static void test_malformed_address_is_suppressed(void **state) {
   send_event("nodot", users, 1, "\"title\":\"t\",\"body\":\"b\"");
   d = expect(n, "nodot", "nodot", "suppressed:no_address");
   json_decref(d);
-  sleep_ms(200);
+  itest_sleep_ms(200);
   assert_int_equal(fake_requests(), 0);
 }
 

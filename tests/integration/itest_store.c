@@ -286,7 +286,7 @@ static void test_array_literal(void **state) {
       "\xc3\xbcnic\xc3\xb6" "de", "'; DROP TABLE users; --", "ARRAY[1]",
       "\\N", "{\"a\",\"b\"}", ",,,", "\"NULL\"", NULL};
   const size_t n = sizeof(hostile) / sizeof(hostile[0]);
-  fo_sbuf b = {0};
+  fo_buf b = FO_BUF_INIT;
   const char *p[1];
   PGresult *r;
 

@@ -20,7 +20,6 @@
 #include <sys/wait.h>
 #include <time.h>
 
-#include <curl/curl.h>
 #include <jansson.h>
 
 #include "fanout/common.h"
@@ -28,100 +27,45 @@
 #include "limiter.h"
 #include "twilio.h"
 
-#define TOKEN "test-admin-token-0123456789"
 #define SID "AC0123456789abcdef0123456789abcdef"
 #define AUTH "test-twilio-auth-token-0123456789"
 #define FROM "+15550001111"
 #define WAIT_MS 15000
 
-typedef struct node {
-  itest_proc proc;
-  char dir[512];
-  int port;
-} node;
+typedef itest_node node;
 
 static char g_dsn[512];
 static char g_bootstrap[256];
 static char g_pfx[32];
 static itest_proc g_broker;
-static itest_proc g_fake;
-static char g_fake_url[64];
-static char g_ca[600];
+static itest_fake g_fake;
 static node g_node;
 static bool g_node_up;
 static int g_admin_port;
 
-static void sleep_ms(int ms) {
-  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000};
-
-  nanosleep(&ts, NULL);
-}
-
 /* ---- HTTP to the fake (HTTPS, its own CA) and to the admin API ---- */
-
-typedef struct buf {
-  char *data;
-  size_t len;
-} buf;
-
-static size_t on_data(char *p, size_t size, size_t n, void *arg) {
-  buf *b = arg;
-  char *grown = realloc(b->data, b->len + size * n + 1);
-
-  if (grown == NULL)
-    return 0;
-  b->data = grown;
-  memcpy(b->data + b->len, p, size * n);
-  b->len += size * n;
-  b->data[b->len] = '\0';
-  return size * n;
-}
 
 /* One request; `ca` NULL for plain HTTP; `hdr` one extra header or NULL.
  * Returns the status, the body in *resp (free()). */
 static long http_call(const char *method, const char *url, const char *ca,
                       const char *hdr, const char *ctype, const char *body,
                       char **resp) {
-  CURL *h = curl_easy_init();
-  struct curl_slist *hdrs = NULL;
+  const char *headers[3] = {NULL, NULL, NULL};
   char line[128];
-  buf b = {NULL, 0};
-  long status = -1;
+  size_t n = 0;
 
-  assert_non_null(h);
   if (hdr != NULL)
-    hdrs = curl_slist_append(hdrs, hdr);
+    headers[n++] = hdr;
   if (ctype != NULL) {
     snprintf(line, sizeof(line), "Content-Type: %s", ctype);
-    hdrs = curl_slist_append(hdrs, line);
+    headers[n++] = line;
   }
-  curl_easy_setopt(h, CURLOPT_URL, url);
-  curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
-  if (ca != NULL)
-    curl_easy_setopt(h, CURLOPT_CAINFO, ca);
-  curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
-  curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_data);
-  curl_easy_setopt(h, CURLOPT_WRITEDATA, &b);
-  curl_easy_setopt(h, CURLOPT_TIMEOUT, 10L);
-  if (body != NULL)
-    curl_easy_setopt(h, CURLOPT_POSTFIELDS, body);
-  if (curl_easy_perform(h) == CURLE_OK)
-    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
-  curl_slist_free_all(hdrs);
-  curl_easy_cleanup(h);
-  if (resp != NULL)
-    *resp = b.data != NULL ? b.data : strdup("");
-  else
-    free(b.data);
-  return status;
+  return itest_http_raw(method, url, ca, headers, body, resp);
 }
 
 static long fake_call(const char *method, const char *path,
                       const char *body, char **resp) {
-  char url[256];
-
-  snprintf(url, sizeof(url), "%s%s", g_fake_url, path);
-  return http_call(method, url, g_ca, NULL, NULL, body, resp);
+  return itest_fake_call(&g_fake, method, path, body, resp);
 }
 
 static void fake_reset(void) {
@@ -174,18 +118,10 @@ static json_t *fake_wait_items(const char *phone, size_t want) {
     items = fake_items_to(phone);
     if (json_array_size(items) >= want)
       break;
-    sleep_ms(100);
+    itest_sleep_ms(100);
   }
   assert_int_equal(json_array_size(items), want);
   return items;
-}
-
-static int api(node *n, const char *method, const char *path,
-               const char *body, char **resp) {
-  char url[600];
-
-  snprintf(url, sizeof(url), "http://127.0.0.1:%d%s", n->port, path);
-  return itest_http(method, url, TOKEN, body, resp);
 }
 
 /* ---- fanoutd ---- */
@@ -194,28 +130,21 @@ static int api(node *n, const char *method, const char *path,
  * services' Redis. */
 static void start_node_redis(node *n, const char *name, int admin_port,
                              int rate, const char *extra, const char *redis) {
-  char cfg[2048], dsn_env[600], redis_env[300];
-  char *env[] = {dsn_env, redis_env, NULL};
+  char cfg[2048];
+  int port = admin_port > 0 ? admin_port : itest_free_port();
 
-  assert_int_equal(itest_tmpdir(name, n->dir, sizeof(n->dir)), 0);
-  n->port = admin_port > 0 ? admin_port : itest_free_port();
   /* Short timeouts and backoff keep the retry cases quick. The record
    * sink of the base configuration lists sms too: [twilio] wins. */
   snprintf(cfg, sizeof(cfg),
-           "[admin]\nlisten = 127.0.0.1:%d\n"
            "[engine]\nretry_base_ms = 200\nretry_max_ms = 1000\n"
            "[twilio]\nurl = %s\naccount_sid = " SID "\n"
            "auth_token = " AUTH "\nfrom = " FROM "\nca_file = %s\n"
            "status_callback_url = http://127.0.0.1:%d/v1/callbacks/twilio\n"
            "timeout_ms = 2000\nrate_per_second = %d\n%s",
-           n->port, g_fake_url, g_ca, n->port, rate,
-           extra != NULL ? extra : "");
-  assert_int_equal(itest_write_config(n->dir, g_bootstrap, cfg), 0);
-  snprintf(dsn_env, sizeof(dsn_env), "FANOUT_POSTGRES_DSN=%s", g_dsn);
-  snprintf(redis_env, sizeof(redis_env), "FANOUT_REDIS_URL=%s",
-           redis != NULL ? redis : getenv("FANOUT_REDIS_URL"));
-  assert_int_equal(itest_start_fanoutd(&n->proc, n->dir, env, 30000), 0);
-  assert_int_equal(itest_wait_log(&n->proc, "admin API listening", 5000), 0);
+           g_fake.url, g_fake.ca, port, rate, extra != NULL ? extra : "");
+  assert_int_equal(itest_node_start(n, name, port, g_bootstrap, g_dsn,
+                                    redis, cfg),
+                   0);
   assert_int_equal(
       itest_wait_log(&n->proc, "channel sends through Twilio", 1000), 0);
 }
@@ -250,7 +179,7 @@ static void put_user(node *n, const char *user, const char *phone) {
 
   snprintf(path, sizeof(path), "/v1/users/%s-%s", g_pfx, user);
   snprintf(body, sizeof(body), "{\"phone\":\"%s\"}", phone);
-  st = api(n, "PUT", path, body, &resp);
+  st = itest_api(n, "PUT", path, body, &resp);
   if (st != 200)
     fail_msg("PUT %s: %d %s", path, st, resp);
   free(resp);
@@ -274,59 +203,27 @@ static void send_event(const char *id, const char *user,
 /* The SMS delivery of `event` to `user` in the delivery log (new
  * reference), or NULL. */
 static json_t *delivery(node *n, const char *event, const char *user) {
-  char path[256], want[128];
-  char *resp = NULL;
-  json_t *doc, *d, *out = NULL;
-  size_t i;
+  char ev[128], who[128];
 
-  snprintf(path, sizeof(path), "/v1/events/%s-%s", g_pfx, event);
-  snprintf(want, sizeof(want), "%s-%s", g_pfx, user);
-  if (api(n, "GET", path, NULL, &resp) != 200) {
-    free(resp);
-    return NULL;
-  }
-  doc = json_loads(resp, 0, NULL);
-  free(resp);
-  json_array_foreach(json_object_get(doc, "deliveries"), i, d) {
-    if (strcmp(json_string_value(json_object_get(d, "user")), want) == 0 &&
-        strcmp(json_string_value(json_object_get(d, "channel")), "sms") ==
-            0)
-      out = json_incref(d);
-  }
-  json_decref(doc);
-  return out;
-}
-
-/* "status" or "status:reason" of a delivery. */
-static void status_of(json_t *d, char *out, size_t cap) {
-  const char *st = json_string_value(json_object_get(d, "status"));
-  const char *why = json_string_value(json_object_get(d, "reason"));
-
-  snprintf(out, cap, "%s%s%s", st != NULL ? st : "?",
-           why != NULL && why[0] != '\0' ? ":" : "",
-           why != NULL ? why : "");
+  snprintf(ev, sizeof(ev), "%s-%s", g_pfx, event);
+  snprintf(who, sizeof(who), "%s-%s", g_pfx, user);
+  return itest_delivery(n, ev, who, "sms");
 }
 
 /* Waits until the delivery's "status[:reason]" starts with `want`, and
  * returns it (new reference). */
 static json_t *expect(node *n, const char *event, const char *user,
                       const char *want) {
-  char got[256] = "(none)";
-  json_t *d = NULL;
+  char ev[128], who[128], got[256];
+  json_t *d;
 
-  for (int i = 0; i < WAIT_MS / 100; i++) {
-    json_decref(d);
-    d = delivery(n, event, user);
-    if (d != NULL) {
-      status_of(d, got, sizeof(got));
-      if (strncmp(got, want, strlen(want)) == 0)
-        return d;
-    }
-    sleep_ms(100);
-  }
-  json_decref(d);
-  fail_msg("%s/%s: want %s, got %s", event, user, want, got);
-  return NULL;
+  snprintf(ev, sizeof(ev), "%s-%s", g_pfx, event);
+  snprintf(who, sizeof(who), "%s-%s", g_pfx, user);
+  d = itest_wait_outcome(n, ev, who, "sms", want, true, WAIT_MS, got,
+                         sizeof(got));
+  if (d == NULL)
+    fail_msg("%s/%s: want %s, got %s", event, user, want, got);
+  return d;
 }
 
 /* Waits until the delivery went out: "sent", or "delivered" once the
@@ -340,7 +237,7 @@ static json_t *expect_sent(node *n, const char *event, const char *user) {
     if (strcmp(st, "sent") == 0 || strcmp(st, "delivered") == 0)
       return d;
     json_decref(d);
-    sleep_ms(100);
+    itest_sleep_ms(100);
     d = expect(n, event, user, "");
   }
   fail_msg("%s/%s: never sent", event, user);
@@ -359,7 +256,7 @@ static void wait_sql(const char *sql, long want) {
     got = itest_sql(g_dsn, sql);
     if (got == want)
       return;
-    sleep_ms(100);
+    itest_sleep_ms(100);
   }
   fail_msg("%s: want %ld, got %ld", sql, want, got);
 }
@@ -435,18 +332,18 @@ static void test_refused_number_becomes_unusable(void **state) {
            g_pfx);
   wait_sql(sql, 1);
   /* The NOTIFY of that change reaches the policy's cache. */
-  sleep_ms(500);
+  itest_sleep_ms(500);
 
   before = fake_requests();
   send_event("bad2", "bad", "\"title\":\"t\"");
   json_decref(expect(n, "bad2", "bad", "suppressed:no_address"));
-  sleep_ms(300);
+  itest_sleep_ms(300);
   assert_int_equal(fake_requests(), before);
 
   /* A new number is usable again. */
   put_user(n, "bad", "+15551230002");
   wait_sql(sql, 0);
-  sleep_ms(500);
+  itest_sleep_ms(500);
   send_event("bad3", "bad", "\"title\":\"t\"");
   json_decref(expect_sent(n, "bad3", "bad"));
 
@@ -476,7 +373,7 @@ static void test_unsubscribed_turns_sms_off(void **state) {
     char *resp = NULL;
     json_t *doc;
 
-    assert_int_equal(api(n, "GET", path, NULL, &resp), 200);
+    assert_int_equal(itest_api(n, "GET", path, NULL, &resp), 200);
     doc = json_loads(resp, 0, NULL);
     free(resp);
     off = json_is_false(
@@ -485,12 +382,12 @@ static void test_unsubscribed_turns_sms_off(void **state) {
         json_object_get(json_object_get(doc, "channels"), "push")));
     json_decref(doc);
     if (!off)
-      sleep_ms(100);
+      itest_sleep_ms(100);
   }
   assert_true(off);
 
   /* The policy now stops it before the channel. */
-  sleep_ms(500);
+  itest_sleep_ms(500);
   send_event("unsub2", "unsub", "\"title\":\"t\"");
   json_decref(expect(n, "unsub2", "unsub", "suppressed:opted_out"));
   assert_int_equal(fake_requests(), 1);
@@ -548,7 +445,7 @@ static void test_other_4xx_fails_with_message(void **state) {
   d = expect(n, "region1", "region",
              "failed:twilio 21408: Permission to send an SMS");
   assert_int_equal(attempts_of(d), 1);
-  sleep_ms(500);
+  itest_sleep_ms(500);
   assert_int_equal(fake_requests(), 1);
   json_decref(d);
 }
@@ -576,7 +473,7 @@ static void test_auth_failure_logged_once(void **state) {
   assert_int_equal(
       itest_count_lines(n->proc.log, "twilio refused the credentials"), 1);
   assert_int_equal(itest_count_lines(n->proc.log, AUTH), 0);
-  assert_int_equal(api(n, "GET", "/metrics", NULL, &metrics), 200);
+  assert_int_equal(itest_api(n, "GET", "/metrics", NULL, &metrics), 200);
   assert_non_null(strstr(
       metrics, "fanout_provider_auth_failures_total{channel=\"sms\"} 3"));
   free(metrics);
@@ -599,7 +496,7 @@ static void test_bad_number_sends_nothing(void **state) {
            "UPDATE users SET phone = '0612 345 678' WHERE id = '%s-local'",
            g_pfx);
   assert_int_equal(itest_sql(g_dsn, sql), 1);
-  sleep_ms(500);
+  itest_sleep_ms(500);
   send_event("local1", "local", "\"title\":\"t\"");
   json_decref(expect(n, "local1", "local", "suppressed:no_address"));
 
@@ -608,7 +505,7 @@ static void test_bad_number_sends_nothing(void **state) {
   send_event("mute1", "mute", NULL);
   json_decref(expect(n, "mute1", "mute",
                      "failed:the event has no text for SMS"));
-  sleep_ms(300);
+  itest_sleep_ms(300);
   assert_int_equal(fake_requests(), 0);
 }
 
@@ -827,7 +724,7 @@ static void test_rate_shared_by_instances(void **state) {
   start_node(&a, "twilio-share-a", 0, RATE, "[kafka]\ngroup = share\n");
   start_node(&b, "twilio-share-b", 0, RATE, "[kafka]\ngroup = share\n");
   /* Let the group settle with both members. */
-  sleep_ms(6000);
+  itest_sleep_ms(6000);
   put_user(&a, "share", "+15551230010");
   for (int i = 0; i < N; i++) {
     char id[32];
@@ -888,30 +785,14 @@ static void test_rate_held_locally_without_redis(void **state) {
 /* ---- setup ---- */
 
 static int start_fake(void) {
-  char dir[512], bin[600], port_s[16], cb[128], *log, *p;
-  char *argv[] = {bin,   "--port",        "0",         "--ca",
-                  g_ca,  "--account-sid", SID,         "--auth-token",
-                  AUTH,  "--callback-url", cb,         "--callback-delay-ms",
-                  "700", NULL};
+  char cb[128];
+  const char *const args[] = {"--account-sid", SID, "--auth-token", AUTH,
+                              "--callback-url", cb, "--callback-delay-ms",
+                              "700", NULL};
 
-  if (itest_tmpdir("twilio-fake", dir, sizeof(dir)) != 0)
-    return -1;
-  snprintf(g_ca, sizeof(g_ca), "%s/ca.pem", dir);
-  snprintf(bin, sizeof(bin), "%s", itest_bin("fake-twilio"));
   snprintf(cb, sizeof(cb), "http://127.0.0.1:%d/v1/callbacks/twilio",
            g_admin_port);
-  if (itest_spawn(&g_fake, dir, "fake", argv, NULL) != 0 ||
-      itest_wait_log(&g_fake, "listening port=", 10000) != 0)
-    return -1;
-  log = itest_slurp(g_fake.log, NULL);
-  p = log != NULL ? strstr(log, "listening port=") : NULL;
-  if (p == NULL || sscanf(p, "listening port=%15[0-9]", port_s) != 1) {
-    free(log);
-    return -1;
-  }
-  snprintf(g_fake_url, sizeof(g_fake_url), "https://127.0.0.1:%s", port_s);
-  free(log);
-  return 0;
+  return itest_fake_start(&g_fake, "fake-twilio", "twilio-fake", args);
 }
 
 static int setup(void **state) {
@@ -934,7 +815,7 @@ static int teardown(void **state) {
   (void)state;
   if (g_node_up)
     itest_stop(&g_node.proc, SIGTERM, 20000);
-  itest_stop(&g_fake, SIGTERM, 5000);
+  itest_stop(&g_fake.proc, SIGTERM, 5000);
   itest_stop(&g_broker, SIGTERM, 5000);
   itest_db_drop(g_dsn);
   return 0;

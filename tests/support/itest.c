@@ -20,14 +20,14 @@
 
 extern char **environ;
 
-static int64_t now_ms(void) {
+int64_t itest_now_ms(void) {
   struct timespec ts;
 
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void sleep_ms(int ms) {
+void itest_sleep_ms(int ms) {
   struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000};
 
   nanosleep(&ts, NULL);
@@ -102,20 +102,20 @@ bool itest_alive(itest_proc *p) {
 }
 
 int itest_stop(itest_proc *p, int sig, int timeout_ms) {
-  int64_t deadline = now_ms() + timeout_ms;
+  int64_t deadline = itest_now_ms() + timeout_ms;
   int st;
 
   if (p->pid <= 0)
     return -1;
   kill(p->pid, sig);
-  while (now_ms() < deadline) {
+  while (itest_now_ms() < deadline) {
     pid_t r = waitpid(p->pid, &st, WNOHANG);
 
     if (r == p->pid) {
       p->pid = -1;
       return st;
     }
-    sleep_ms(20);
+    itest_sleep_ms(20);
   }
   kill(p->pid, SIGKILL);
   waitpid(p->pid, &st, 0);
@@ -157,28 +157,28 @@ char *itest_slurp(const char *path, size_t *len) {
 }
 
 int itest_wait_file(const char *path, int timeout_ms) {
-  int64_t deadline = now_ms() + timeout_ms;
+  int64_t deadline = itest_now_ms() + timeout_ms;
   struct stat st;
 
-  while (now_ms() < deadline) {
+  while (itest_now_ms() < deadline) {
     if (stat(path, &st) == 0 && st.st_size > 0)
       return 0;
-    sleep_ms(20);
+    itest_sleep_ms(20);
   }
   return -1;
 }
 
 int itest_wait_log(itest_proc *p, const char *needle, int timeout_ms) {
-  int64_t deadline = now_ms() + timeout_ms;
+  int64_t deadline = itest_now_ms() + timeout_ms;
 
-  while (now_ms() < deadline) {
+  while (itest_now_ms() < deadline) {
     char *s = itest_slurp(p->log, NULL);
     bool found = s != NULL && strstr(s, needle) != NULL;
 
     free(s);
     if (found)
       return 0;
-    sleep_ms(50);
+    itest_sleep_ms(50);
   }
   return -1;
 }
@@ -287,8 +287,8 @@ int itest_produce(const char *bootstrap, const char *topic,
       rd_kafka_poll(rk, 10);
     rd_kafka_poll(rk, 0);
   }
-  deadline = now_ms() + 30000;
-  while (left > 0 && now_ms() < deadline)
+  deadline = itest_now_ms() + 30000;
+  while (left > 0 && itest_now_ms() < deadline)
     rd_kafka_poll(rk, 50);
   rd_kafka_destroy(rk);
   return left == 0 ? 0 : -1;
@@ -313,7 +313,7 @@ size_t itest_consume(const char *bootstrap, const char *topic, size_t want,
   rd_kafka_topic_partition_list_t *list;
   rd_kafka_topic_t *t;
   itest_msg *msgs = calloc(want + 1, sizeof(*msgs));
-  int64_t deadline = now_ms() + timeout_ms;
+  int64_t deadline = itest_now_ms() + timeout_ms;
   size_t got = 0;
 
   *out = msgs;
@@ -336,7 +336,7 @@ size_t itest_consume(const char *bootstrap, const char *topic, size_t want,
   rd_kafka_assign(rk, list);
   rd_kafka_topic_partition_list_destroy(list);
 
-  while (got < want && now_ms() < deadline) {
+  while (got < want && itest_now_ms() < deadline) {
     rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
     rd_kafka_headers_t *hdrs = NULL;
     char hbuf[2048] = "";
@@ -513,24 +513,22 @@ static size_t http_write(char *p, size_t size, size_t n, void *arg) {
   return size * n;
 }
 
-int itest_http(const char *method, const char *url, const char *token,
-               const char *body, char **resp) {
+long itest_http_raw(const char *method, const char *url, const char *ca,
+                    const char *const *headers, const char *body,
+                    char **resp) {
   CURL *h = curl_easy_init();
   struct curl_slist *hdrs = NULL;
   http_buf b = {NULL, 0};
-  char auth[512];
   long status = -1;
 
   if (h == NULL)
     return -1;
-  if (token != NULL) {
-    snprintf(auth, sizeof(auth), "Authorization: Bearer %s", token);
-    hdrs = curl_slist_append(hdrs, auth);
-  }
-  if (body != NULL) {
-    hdrs = curl_slist_append(hdrs, "Content-Type: application/json");
+  for (size_t i = 0; headers != NULL && headers[i] != NULL; i++)
+    hdrs = curl_slist_append(hdrs, headers[i]);
+  if (body != NULL)
     curl_easy_setopt(h, CURLOPT_POSTFIELDS, body);
-  }
+  if (ca != NULL)
+    curl_easy_setopt(h, CURLOPT_CAINFO, ca);
   curl_easy_setopt(h, CURLOPT_URL, url);
   curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
   curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
@@ -545,5 +543,152 @@ int itest_http(const char *method, const char *url, const char *token,
     *resp = b.data != NULL ? b.data : strdup("");
   else
     free(b.data);
-  return (int)status;
+  return status;
+}
+
+int itest_http(const char *method, const char *url, const char *token,
+               const char *body, char **resp) {
+  const char *headers[3] = {NULL, NULL, NULL};
+  char auth[512];
+  size_t n = 0;
+
+  if (token != NULL) {
+    snprintf(auth, sizeof(auth), "Authorization: Bearer %s", token);
+    headers[n++] = auth;
+  }
+  if (body != NULL)
+    headers[n++] = "Content-Type: application/json";
+  return (int)itest_http_raw(method, url, NULL, headers, body, resp);
+}
+
+/* ---- a fanoutd node and its admin API ---- */
+
+int itest_node_start(itest_node *n, const char *name, int port,
+                     const char *bootstrap, const char *dsn,
+                     const char *redis, const char *extra) {
+  char cfg[4096], dsn_env[600], redis_env[300];
+  char *env[] = {dsn_env, redis_env, NULL};
+  const char *rurl = redis != NULL ? redis : getenv("FANOUT_REDIS_URL");
+
+  if (itest_tmpdir(name, n->dir, sizeof(n->dir)) != 0)
+    return -1;
+  n->port = port > 0 ? port : itest_free_port();
+  snprintf(cfg, sizeof(cfg), "[admin]\nlisten = 127.0.0.1:%d\n%s", n->port,
+           extra != NULL ? extra : "");
+  if (itest_write_config(n->dir, bootstrap, cfg) != 0)
+    return -1;
+  snprintf(dsn_env, sizeof(dsn_env), "FANOUT_POSTGRES_DSN=%s", dsn);
+  snprintf(redis_env, sizeof(redis_env), "FANOUT_REDIS_URL=%s",
+           rurl != NULL ? rurl : "");
+  if (itest_start_fanoutd(&n->proc, n->dir, env, 30000) != 0)
+    return -1;
+  return itest_wait_log(&n->proc, "admin API listening", 5000);
+}
+
+int itest_api(const itest_node *n, const char *method, const char *path,
+              const char *body, char **resp) {
+  char url[600];
+
+  snprintf(url, sizeof(url), "http://127.0.0.1:%d%s", n->port, path);
+  return itest_http(method, url, ITEST_ADMIN_TOKEN, body, resp);
+}
+
+json_t *itest_delivery(const itest_node *n, const char *event,
+                       const char *user, const char *channel) {
+  char path[256];
+  char *resp = NULL;
+  json_t *doc, *d, *out = NULL;
+  size_t i;
+
+  snprintf(path, sizeof(path), "/v1/events/%s", event);
+  if (itest_api(n, "GET", path, NULL, &resp) != 200) {
+    free(resp);
+    return NULL;
+  }
+  doc = json_loads(resp, 0, NULL);
+  free(resp);
+  json_array_foreach(json_object_get(doc, "deliveries"), i, d) {
+    const char *u = json_string_value(json_object_get(d, "user"));
+    const char *c = json_string_value(json_object_get(d, "channel"));
+
+    if (u != NULL && c != NULL && strcmp(u, user) == 0 &&
+        strcmp(c, channel) == 0) {
+      json_decref(out);
+      out = json_incref(d);
+    }
+  }
+  json_decref(doc);
+  return out;
+}
+
+void itest_outcome(const json_t *d, char *out, size_t cap) {
+  const char *st = json_string_value(json_object_get(d, "status"));
+  const char *why = json_string_value(json_object_get(d, "reason"));
+
+  snprintf(out, cap, "%s%s%s", st != NULL ? st : "?",
+           why != NULL && why[0] != '\0' ? ":" : "",
+           why != NULL ? why : "");
+}
+
+json_t *itest_wait_outcome(const itest_node *n, const char *event,
+                           const char *user, const char *channel,
+                           const char *want, bool prefix, int timeout_ms,
+                           char *got, size_t cap) {
+  int64_t end = itest_now_ms() + timeout_ms;
+
+  snprintf(got, cap, "(none)");
+  for (;;) {
+    json_t *d = itest_delivery(n, event, user, channel);
+
+    if (d != NULL) {
+      itest_outcome(d, got, cap);
+      if (prefix ? strncmp(got, want, strlen(want)) == 0
+                 : strcmp(got, want) == 0)
+        return d;
+      json_decref(d);
+    }
+    if (itest_now_ms() > end)
+      return NULL;
+    itest_sleep_ms(50);
+  }
+}
+
+/* ---- provider fakes ---- */
+
+int itest_fake_start(itest_fake *f, const char *bin, const char *name,
+                     const char *const *args) {
+  char dir[512], path[600], port_s[16], *log, *p;
+  char *argv[32] = {path, "--port", "0", "--ca", f->ca};
+  size_t n = 5;
+
+  for (size_t i = 0; args != NULL && args[i] != NULL; i++) {
+    if (n + 1 >= sizeof(argv) / sizeof(argv[0]))
+      return -1;
+    argv[n++] = (char *)args[i];
+  }
+  argv[n] = NULL;
+  if (itest_tmpdir(name, dir, sizeof(dir)) != 0)
+    return -1;
+  snprintf(f->ca, sizeof(f->ca), "%s/ca.pem", dir);
+  snprintf(path, sizeof(path), "%s", itest_bin(bin));
+  if (itest_spawn(&f->proc, dir, "fake", argv, NULL) != 0 ||
+      itest_wait_log(&f->proc, "listening port=", 10000) != 0)
+    return -1;
+  log = itest_slurp(f->proc.log, NULL);
+  p = log != NULL ? strstr(log, "listening port=") : NULL;
+  if (p == NULL || sscanf(p, "listening port=%15[0-9]", port_s) != 1) {
+    free(log);
+    return -1;
+  }
+  snprintf(f->url, sizeof(f->url), "https://127.0.0.1:%s", port_s);
+  free(log);
+  return 0;
+}
+
+long itest_fake_call(const itest_fake *f, const char *method,
+                     const char *path, const char *body, char **resp) {
+  char url[600];
+
+  snprintf(url, sizeof(url), "%s%s", f->url, path);
+  return itest_http_raw(method, url, f->ca, NULL, body, resp);
 }

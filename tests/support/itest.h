@@ -13,6 +13,12 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include <jansson.h>
+
+/* Monotonic milliseconds, and a sleep of `ms` milliseconds. */
+int64_t itest_now_ms(void);
+void itest_sleep_ms(int ms);
+
 /* A process started by a test, with its own working folder. */
 typedef struct itest_proc {
   pid_t pid;
@@ -97,7 +103,6 @@ void itest_msgs_free(itest_msg *m, size_t n);
 int64_t itest_committed(const char *bootstrap, const char *group,
                         const char *topic);
 
-#endif /* FO_ITEST_H */
 
 /* ---- services (PostgreSQL, HTTP) ---- */
 
@@ -119,8 +124,88 @@ long itest_sql(const char *dsn, const char *sql);
 int itest_free_port(void);
 
 /*
+ * One HTTP request to `url`, HTTPS verified against the CA file `ca`
+ * (NULL: the system's), with the header lines `headers` (NULL-terminated,
+ * may be NULL) and `body` (NULL: none). Returns the status (or -1) and
+ * the body in *resp (free()) when `resp` is not NULL.
+ */
+long itest_http_raw(const char *method, const char *url, const char *ca,
+                    const char *const *headers, const char *body,
+                    char **resp);
+
+/*
  * One HTTP request with a bearer token (NULL: none) and a JSON body (NULL:
  * none). Returns the status (or -1) and the body in *resp (free()).
  */
 int itest_http(const char *method, const char *url, const char *token,
                const char *body, char **resp);
+
+/* ---- a fanoutd node and its admin API ---- */
+
+/* The admin token of the base configuration of itest_write_config(). */
+#define ITEST_ADMIN_TOKEN "test-admin-token-0123456789"
+
+/* A fanoutd started by itest_node_start(). */
+typedef struct itest_node {
+  itest_proc proc;
+  char dir[512];               /* its working folder */
+  int port;                    /* its admin API on 127.0.0.1 */
+} itest_node;
+
+/*
+ * Starts fanoutd in a fresh folder `name` on the broker `bootstrap`, with
+ * PostgreSQL at `dsn`, Redis at `redis` (NULL: $FANOUT_REDIS_URL) and the
+ * admin API on `port` (0: a free one). `extra` (may be NULL) is INI text
+ * that follows the [admin] section. Waits until the node has joined its
+ * consumer group and the admin API listens; returns 0 or -1.
+ */
+int itest_node_start(itest_node *n, const char *name, int port,
+                     const char *bootstrap, const char *dsn,
+                     const char *redis, const char *extra);
+
+/* One admin API request with the test token; as itest_http(). */
+int itest_api(const itest_node *n, const char *method, const char *path,
+              const char *body, char **resp);
+
+/* The delivery log entry of (event, user, channel), full ids, as
+ * GET /v1/events/{id} shows it: a new reference, or NULL when none. */
+json_t *itest_delivery(const itest_node *n, const char *event,
+                       const char *user, const char *channel);
+
+/* "status", or "status:reason" when the entry has a reason. */
+void itest_outcome(const json_t *d, char *out, size_t cap);
+
+/*
+ * Polls the delivery log until the entry's outcome (as itest_outcome())
+ * is `want`, or starts with it when `prefix`, for up to `timeout_ms`.
+ * Returns the entry (new reference), or NULL with the last outcome seen
+ * ("(none)" if no entry) in `got`.
+ */
+json_t *itest_wait_outcome(const itest_node *n, const char *event,
+                           const char *user, const char *channel,
+                           const char *want, bool prefix, int timeout_ms,
+                           char *got, size_t cap);
+
+/* ---- provider fakes ---- */
+
+/* A provider fake serving HTTPS with a certificate of a CA of its own. */
+typedef struct itest_fake {
+  itest_proc proc;
+  char url[64];                /* https://127.0.0.1:PORT */
+  char ca[600];                /* the CA file, in its working folder */
+} itest_fake;
+
+/*
+ * Starts the build's fake `bin` (e.g. "fake-twilio") in a fresh folder
+ * `name` as `bin --port 0 --ca CA` and the arguments `args`
+ * (NULL-terminated, may be NULL), and waits until it says its port.
+ * Returns 0 or -1.
+ */
+int itest_fake_start(itest_fake *f, const char *bin, const char *name,
+                     const char *const *args);
+
+/* One request to `path` of the fake; as itest_http_raw(). */
+long itest_fake_call(const itest_fake *f, const char *method,
+                     const char *path, const char *body, char **resp);
+
+#endif /* FO_ITEST_H */

@@ -718,6 +718,23 @@ static void test_names(void **state) {
   assert_int_equal(fo_channel_parse("push", NULL), FO_EINVAL);
 }
 
+/* The category rule preferences share: length 1-64, [a-z0-9_.-], and a
+ * NUL byte inside a length-counted name is refused. */
+static void test_category_valid(void **state) {
+  char longest[FO_EVENT_CATEGORY_MAX + 2];
+
+  (void)state;
+  assert_true(fo_event_category_valid("order_update", 12));
+  assert_true(fo_event_category_valid("a.b-c_9", 7));
+  assert_false(fo_event_category_valid("", 0));
+  assert_false(fo_event_category_valid("Order", 5));
+  assert_false(fo_event_category_valid("a b", 3));
+  assert_false(fo_event_category_valid("ab\0c", 4));
+  memset(longest, 'x', sizeof(longest));
+  assert_true(fo_event_category_valid(longest, FO_EVENT_CATEGORY_MAX));
+  assert_false(fo_event_category_valid(longest, FO_EVENT_CATEGORY_MAX + 1));
+}
+
 static void test_bad_arguments(void **state) {
   fo_event *ev = NULL;
   fo_event_error err;
@@ -812,6 +829,7 @@ int main(void) {
     cmocka_unit_test(test_critical_is_at_least_once),
     cmocka_unit_test(test_items),
     cmocka_unit_test(test_names),
+    cmocka_unit_test(test_category_valid),
     cmocka_unit_test(test_bad_arguments),
     cmocka_unit_test(test_allocation_failures),
   };
