@@ -235,7 +235,9 @@ static void record_final(fo_dispatch *d, inflight *f, const fo_outcome *o) {
                                            : o->reason,
          f->d.attempt, o->provider_id);
 
-  if (f->gate_seen && d->gate.final != NULL)
+  /* Every final outcome reaches the gate, also those decided here
+   * (channel_off, expired), so the delivery log has them all. */
+  if (d->has_gate && d->gate.final != NULL)
     d->gate.final(d->gate.self, &f->d, o);
   if (d->conf.on_outcome != NULL)
     d->conf.on_outcome(&f->d, o, d->conf.outcome_arg);

@@ -50,8 +50,9 @@ typedef struct fo_verdict {
  * The policy stage, seen from the dispatcher. check() decides a batch of
  * deliveries at once (so that shared state costs one round trip per
  * batch), from a worker or the retry thread; it may set d->recipient and
- * d->gate_flags. final() sees every final outcome of a delivery that
- * check() has seen, from any thread. release() is called once when a
+ * d->gate_flags. final() sees every final outcome, also of deliveries
+ * that check() never saw (a channel that is off, an expired event), from
+ * any thread. release() is called once when a
  * delivery that check() has seen is freed, final or given up, so the gate
  * can drop what it attached.
  */

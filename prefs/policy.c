@@ -428,6 +428,13 @@ static bool check_user(fo_policy *p, fo_delivery *d, int64_t now,
   int64_t end;
   int rc;
 
+  /* A delivery decided again (after a retry) drops what the last
+   * decision attached. */
+  if (d->recipient != NULL) {
+    fo_recipient_unref((fo_recipient *)d->recipient);
+    d->recipient = NULL;
+  }
+
   rc = recipient_get(p, d->user, &r);
   if (rc == FO_ENOENT) {
     final_suppressed(v, FO_SUP_UNKNOWN_USER);

@@ -339,7 +339,8 @@ static void test_redis_down_degrades(void **state) {
 
   (void)state;
   snprintf(url, sizeof(url), "redis://127.0.0.1:%d", itest_free_port());
-  start_node_redis(&n, "policy-noredis", NULL, url);
+  /* E-mail has neither a provider nor the record sink here: it is off. */
+  start_node_redis(&n, "policy-noredis", "[record]\nchannels = push\n", url);
   put_user(&n, "nored", "{}");
   add_device(&n, "nored", "tok-nored");
   put_prefs(&n, "nored", "{\"caps\":{\"push\":{\"limit\":1,"
@@ -349,6 +350,10 @@ static void test_redis_down_degrades(void **state) {
   send_event("nr2", "[\"nored\"]", "\"channels\":[\"push\"]");
   expect(&n, "nr1", "nored", "push", "sent");
   expect(&n, "nr2", "nored", "push", "sent");
+
+  /* An outcome decided before the policy stage is logged too. */
+  send_event("off1", "[\"nored\"]", "\"channels\":[\"email\"]");
+  expect(&n, "off1", "nored", "email", "suppressed:channel_off");
 
   /* The same event again: the delivery log knows it was sent. */
   snprintf(rec, sizeof(rec), "%s/deliveries.jsonl", n.dir);
