@@ -27,6 +27,8 @@ struct fo_engine {
   fo_store *store;
   fo_dlog *dlog;
   fo_limiter *limits;
+  fo_limiter *more_limits[3];   /* one more per worker, up to 3 */
+  size_t nmore_limits;
   fo_policy *policy;
 
   fo_queue *queue;
@@ -77,9 +79,25 @@ static int open_state(fo_engine *e, const fo_config *cfg, char *err,
     return rc;
   }
 
+  /* A connection per worker, so that workers do not queue behind each
+   * other's Redis round trips. */
+  for (int64_t w = 1; w < fo_config_get_int(cfg, "engine", "workers") &&
+                      e->nmore_limits < 3;
+       w++) {
+    rc = fo_limiter_open(fo_config_get(cfg, "redis", "url"),
+                         fo_config_get_bool(cfg, "redis",
+                                            "caps_fail_closed"),
+                         &e->more_limits[e->nmore_limits]);
+    if (rc != FO_OK)
+      break;
+    e->nmore_limits++;
+  }
+
   memset(&pc, 0, sizeof(pc));
   pc.store = e->store;
   pc.limits = e->limits;
+  pc.more_limits = e->more_limits;
+  pc.nmore_limits = e->nmore_limits;
   pc.dlog = e->dlog;
   pc.cache_users = (size_t)fo_config_get_int(cfg, "engine", "cache_users");
   pc.claim_ms = fo_config_get_int(cfg, "engine", "dedup_claim_ms");
@@ -277,6 +295,8 @@ void fo_engine_free(fo_engine *e) {
   fo_policy_free(e->policy);
   if (e->limits != NULL)
     fo_limiter_close(e->limits);
+  for (size_t i = 0; i < e->nmore_limits; i++)
+    fo_limiter_close(e->more_limits[i]);
   if (e->queue != NULL)
     fo_queue_free(e->queue);
   free(e);

@@ -345,6 +345,20 @@ static void *flusher_main(void *arg) {
   return NULL;
 }
 
+/* The Redis connection for the calling thread: each thread keeps the one
+ * it was given first, and threads are spread over the connections. */
+static fo_limiter *limiter_for_thread(fo_policy *p) {
+  static atomic_uint next;
+  static _Thread_local int slot = -1;
+  size_t n = 1 + p->conf.nmore_limits;
+
+  if (slot < 0)
+    slot = (int)(atomic_fetch_add(&next, 1) % 64);
+  if ((size_t)slot % n == 0)
+    return p->conf.limits;
+  return p->conf.more_limits[(size_t)slot % n - 1];
+}
+
 /* ---- decisions ---- */
 
 static void final_suppressed(fo_verdict *v, fo_suppress_reason why) {
@@ -479,6 +493,7 @@ static void policy_check(void *self, fo_delivery *const *ds, size_t n,
   fo_limit_op ops[BATCH_OPS];
   size_t open[BATCH_OPS];
   size_t nopen = 0, nops, nmarks;
+  fo_limiter *lim;
   int64_t now = fo_wall_ms();
   int64_t t0 = fo_now_us();
 
@@ -507,7 +522,8 @@ static void policy_check(void *self, fo_delivery *const *ds, size_t n,
     op->claim_ms = p->conf.claim_ms;
     op->ttl_ms = dedup_ttl(d->event, now);
   }
-  fo_limiter_decide(p->conf.limits, ops, nops);
+  lim = limiter_for_thread(p);
+  fo_limiter_decide(lim, ops, nops);
   free_mark_ops(ops, nmarks);
 
   {
@@ -562,7 +578,7 @@ static void policy_check(void *self, fo_delivery *const *ds, size_t n,
     capped_idx[nops++] = open[k];
   }
   if (nops > 0) {
-    fo_limiter_decide(p->conf.limits, ops, nops);
+    fo_limiter_decide(lim, ops, nops);
     for (size_t k = 0; k < nops; k++) {
       if (ops[k].result != FO_LIMIT_CAPPED)
         continue;

@@ -26,6 +26,10 @@ typedef struct fo_policy fo_policy;
 typedef struct fo_policy_conf {
   fo_store *store;              /* required */
   fo_limiter *limits;            /* NULL: no caps, dedup by the log only */
+  /* Extra connections to the same Redis, so that the dispatcher's workers
+   * do not wait for each other's round trips; may be empty. */
+  fo_limiter *const *more_limits;
+  size_t nmore_limits;
   fo_dlog *dlog;                /* NULL: outcomes are not logged */
   size_t cache_users;           /* most users kept in the cache */
   int64_t claim_ms;             /* how long a dedup claim holds */

@@ -1027,6 +1027,7 @@ typedef struct stage {
   fo_store *store;
   fo_dlog *dlog;
   fo_limiter *limits;
+  fo_limiter *more_limits[1];   /* the second worker's, as in fanoutd */
   fo_policy *policy;
 } stage;
 
@@ -1052,9 +1053,16 @@ static int stage_open(const bench_env *env, stage *st, char *err,
     snprintf(err, errlen, "limits: Redis does not answer");
     return FO_EIO;
   }
+  if ((rc = fo_limiter_open(env->redis_url, false, &st->more_limits[0])) !=
+      FO_OK) {
+    snprintf(err, errlen, "limits: %s", fo_strerror(rc));
+    return rc;
+  }
   memset(&pc, 0, sizeof(pc));
   pc.store = st->store;
   pc.limits = st->limits;
+  pc.more_limits = st->more_limits;
+  pc.nmore_limits = 1;
   pc.dlog = st->dlog;
   pc.cache_users = BENCH_CACHE_USERS;
   pc.claim_ms = BENCH_CLAIM_MS;
@@ -1076,6 +1084,8 @@ static void stage_close(stage *st) {
   fo_policy_free(st->policy);
   if (st->limits != NULL)
     fo_limiter_close(st->limits);
+  if (st->more_limits[0] != NULL)
+    fo_limiter_close(st->more_limits[0]);
 }
 
 /* ---- one run (a child process) ---- */
