@@ -23,6 +23,8 @@
 #include "config.h"
 #include "fanout/common.h"
 
+#include <libpq-fe.h>
+
 extern char **environ;
 
 enum fo_cfg_type {
@@ -35,7 +37,8 @@ enum fo_cfg_type {
   FO_CT_URL,       /* http:// or https:// */
   FO_CT_REDIS_URL, /* redis:// */
   FO_CT_BROKERS,   /* "embedded" or HOST:PORT[,HOST:PORT...] */
-  FO_CT_CHANNELS   /* a non-empty list of push, email, sms, inapp */
+  FO_CT_CHANNELS,  /* a non-empty list of push, email, sms, inapp */
+  FO_CT_PG_DSN     /* a libpq connection string or URI */
 };
 
 #define FO_CK_REQUIRED 0x1u   /* must have a value */
@@ -99,7 +102,7 @@ static const struct fo_cfg_key fo_cfg_engine[] = {
 };
 
 static const struct fo_cfg_key fo_cfg_postgres[] = {
-    {.name = "dsn", .type = FO_CT_STRING, .flags = FO_CK_SECRET},
+    {.name = "dsn", .type = FO_CT_PG_DSN, .flags = FO_CK_SECRET},
     FO_CFG_INT("pool", "4", 1, 64),
 };
 
@@ -883,6 +886,21 @@ static bool fo_cfg__check(const struct fo_cfg_key *key, const char *v,
     }
     snprintf(why, cap, "expected an http:// or https:// URL");
     return false;
+  case FO_CT_PG_DSN: {
+    /* Checked here so that a DSN that can never work stops the start,
+     * while an unreachable server is waited for (see fanoutd). */
+    char *perr = NULL;
+    PQconninfoOption *opts = PQconninfoParse(v, &perr);
+
+    PQfreemem(perr);
+    if (opts != NULL) {
+      PQconninfoFree(opts);
+      return true;
+    }
+    *echo = false;
+    snprintf(why, cap, "not a valid PostgreSQL connection string");
+    return false;
+  }
   case FO_CT_REDIS_URL:
     if (fo_cfg__prefixed(v, "redis://")) {
       return true;

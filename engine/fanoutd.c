@@ -315,7 +315,25 @@ int main(int argc, char **argv) {
     brokers = fo_kmock_bootstraps(mock);
   }
 
-  if (fo_engine_new(cfg, brokers, &e, err, sizeof(err)) != FO_OK) {
+  /* PostgreSQL down at start is waited for, not a reason to exit: no
+   * event has been read yet, so nothing is late but the start. */
+  while ((rc = fo_engine_new(cfg, brokers, &e, err, sizeof(err))) ==
+             FO_EIO &&
+         fo_config_get(cfg, "postgres", "dsn") != NULL) {
+    static fo_ratelimit rl;
+    struct timespec ts = {.tv_sec = 2};
+
+    fo_log_rl(&rl, 30000, FO_LOG_WARN, "fanoutd",
+              "PostgreSQL unreachable, waiting for it before starting",
+              "error=\"%s\"", err);
+    sig = sigtimedwait(&set, NULL, &ts);
+    if (sig == SIGTERM || sig == SIGINT) {
+      fo_log_info("fanoutd", "stopped while waiting for PostgreSQL", "");
+      exit_code = 0;
+      goto out;
+    }
+  }
+  if (rc != FO_OK) {
     fo_log_error("fanoutd", "cannot build the pipeline", "error=\"%s\"",
                  err);
     goto out;

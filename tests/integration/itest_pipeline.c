@@ -425,6 +425,44 @@ static void test_bad_config_names_the_key(void **state) {
   free(log);
 }
 
+/* PostgreSQL down at start: fanoutd waits for it, and a stop signal
+ * during the wait ends it cleanly; a DSN that cannot work stops the start
+ * at once, naming the key and not its value. */
+static void test_waits_for_postgres(void **state) {
+  char dir[512], dsn_env[128];
+  char *env[] = {dsn_env, NULL};
+  char *argv[] = {(char *)itest_bin("fanoutd"), "-c", "fanout.ini", NULL};
+  itest_proc fd;
+  char *log;
+  int st;
+
+  (void)state;
+  assert_int_equal(itest_tmpdir("waitpg", dir, sizeof(dir)), 0);
+  assert_int_equal(itest_write_config(dir, "embedded", NULL), 0);
+  snprintf(dsn_env, sizeof(dsn_env),
+           "FANOUT_POSTGRES_DSN=postgresql://fanout@127.0.0.1:%d/fanout",
+           itest_free_port());
+  assert_int_equal(itest_spawn(&fd, dir, "fanoutd", argv, env), 0);
+  assert_int_equal(itest_wait_log(&fd, "PostgreSQL unreachable, waiting",
+                                  15000),
+                   0);
+  sleep_ms(2500);
+  assert_true(itest_alive(&fd));
+  st = itest_stop(&fd, SIGTERM, 10000);
+  assert_true(WIFEXITED(st));
+  assert_int_equal(WEXITSTATUS(st), 0);
+
+  snprintf(dsn_env, sizeof(dsn_env),
+           "FANOUT_POSTGRES_DSN=host=127.0.0.1 password=s3cret nonsense");
+  assert_int_equal(itest_spawn(&fd, dir, "fanoutd-bad", argv, env), 0);
+  st = itest_stop(&fd, 0, 10000);
+  log = itest_slurp(fd.log, NULL);
+  assert_non_null(log);
+  assert_non_null(strstr(log, "[postgres] dsn"));
+  assert_null(strstr(log, "s3cret"));
+  free(log);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_bad_config_names_the_key),
@@ -432,6 +470,7 @@ int main(void) {
       cmocka_unit_test(test_sigterm_commits_finished_work),
       cmocka_unit_test(test_full_queue_pauses_consumption),
       cmocka_unit_test(test_kill9_loses_nothing),
+      cmocka_unit_test(test_waits_for_postgres),
   };
 
   return cmocka_run_group_tests_name("pipeline", tests, NULL, NULL);
