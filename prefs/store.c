@@ -311,6 +311,25 @@ static int query(fo_store *s, const char *sql, int n, const char *const *p,
   return query_named(s, NULL, sql, n, p, retry, out);
 }
 
+/* Runs a statement that finds, changes or deletes at most a few rows:
+ * FO_OK when it returned or touched one, FO_ENOENT when none, or the
+ * error. */
+static int query_hit(fo_store *s, const char *name, const char *sql, int n,
+                     const char *const *p, bool retry) {
+  PGresult *r = NULL;
+  const char *touched;
+  int rc = query_named(s, name, sql, n, p, retry, &r);
+
+  if (rc != FO_OK)
+    return rc;
+  touched = PQcmdTuples(r);
+  rc = PQntuples(r) > 0 || (touched[0] != '\0' && strcmp(touched, "0") != 0)
+           ? FO_OK
+           : FO_ENOENT;
+  PQclear(r);
+  return rc;
+}
+
 /* BEGIN may always run twice: nothing has happened yet. */
 static int tx_begin(fo_store *s, PGconn **c) {
   int rc = fo_pool_get(s, c);
@@ -530,21 +549,14 @@ int fo_store_user_get(fo_store *s, const char *id, json_t **out) {
  * no foreign key (they outlive nothing) and go explicitly. */
 int fo_store_user_delete(fo_store *s, const char *id) {
   const char *p[] = {id};
-  PGresult *r = NULL;
-  int rc;
 
   if (!id_ok(id))
     return FO_ENOENT;
-  rc = query(s,
-             "WITH u AS (DELETE FROM users WHERE id = $1 RETURNING id),"
-             " d AS (DELETE FROM deferred WHERE user_id = $1)"
-             " SELECT pg_notify('fanout_user', u.id) FROM u",
-             1, p, false, &r);
-  if (rc != FO_OK)
-    return rc;
-  rc = PQntuples(r) > 0 ? FO_OK : FO_ENOENT;
-  PQclear(r);
-  return rc;
+  return query_hit(s, NULL,
+                   "WITH u AS (DELETE FROM users WHERE id = $1 RETURNING id),"
+                   " d AS (DELETE FROM deferred WHERE user_id = $1)"
+                   " SELECT pg_notify('fanout_user', u.id) FROM u",
+                   1, p, false);
 }
 
 /* ---- devices ---- */
@@ -620,21 +632,14 @@ int fo_store_device_list(fo_store *s, const char *user, json_t **out) {
 int fo_store_device_delete(fo_store *s, const char *user,
                            const char *token) {
   const char *p[] = {user, token};
-  PGresult *r = NULL;
-  int rc;
 
   if (!id_ok(user) || token == NULL)
     return FO_ENOENT;
-  rc = query(s,
-             "WITH d AS (DELETE FROM devices WHERE user_id = $1"
-             " AND token = $2 RETURNING user_id)"
-             " SELECT pg_notify('fanout_user', d.user_id) FROM d",
-             2, p, false, &r);
-  if (rc != FO_OK)
-    return rc;
-  rc = PQntuples(r) > 0 ? FO_OK : FO_ENOENT;
-  PQclear(r);
-  return rc;
+  return query_hit(s, NULL,
+                   "WITH d AS (DELETE FROM devices WHERE user_id = $1"
+                   " AND token = $2 RETURNING user_id)"
+                   " SELECT pg_notify('fanout_user', d.user_id) FROM d",
+                   2, p, false);
 }
 
 /* FO_ENOENT when no valid registration older than `at_ms` has the
@@ -644,24 +649,17 @@ int fo_store_device_invalidate(fo_store *s, const char *platform,
                                const char *token, int64_t at_ms) {
   char at[24];
   const char *p[] = {platform, token, at};
-  PGresult *r = NULL;
-  int rc;
 
   if (platform == NULL || token == NULL)
     return FO_EINVAL;
   snprintf(at, sizeof(at), "%lld", (long long)at_ms);
-  rc = query(s,
-             "WITH d AS (UPDATE devices SET invalid_since = " MS_TS("$3")
-             " WHERE platform = $1 AND token = $2"
-             " AND invalid_since IS NULL"
-             " AND registered_at <= " MS_TS("$3") " RETURNING user_id)"
-             " SELECT pg_notify('fanout_user', d.user_id) FROM d",
-             3, p, true, &r);
-  if (rc != FO_OK)
-    return rc;
-  rc = PQntuples(r) > 0 ? FO_OK : FO_ENOENT;
-  PQclear(r);
-  return rc;
+  return query_hit(s, NULL,
+                   "WITH d AS (UPDATE devices SET invalid_since = " MS_TS("$3")
+                   " WHERE platform = $1 AND token = $2"
+                   " AND invalid_since IS NULL"
+                   " AND registered_at <= " MS_TS("$3") " RETURNING user_id)"
+                   " SELECT pg_notify('fanout_user', d.user_id) FROM d",
+                   3, p, true);
 }
 
 /* ---- preferences ---- */
@@ -1163,16 +1161,9 @@ fail:
 int fo_store_deferred_done(fo_store *s, int64_t id) {
   char v[24];
   const char *p[] = {v};
-  PGresult *r = NULL;
-  int rc;
 
   snprintf(v, sizeof(v), "%lld", (long long)id);
-  rc = query(s, "DELETE FROM deferred WHERE id = $1", 1, p, true, &r);
-  if (rc != FO_OK)
-    return rc;
-  rc = strcmp(PQcmdTuples(r), "0") == 0 ? FO_ENOENT : FO_OK;
-  PQclear(r);
-  return rc;
+  return query_hit(s, NULL, "DELETE FROM deferred WHERE id = $1", 1, p, true);
 }
 
 /* ---- delivery log reads ---- */
@@ -1205,21 +1196,14 @@ int fo_store_event_get(fo_store *s, const char *event_id, json_t **out) {
 int fo_store_delivery_sent(fo_store *s, const char *event_id,
                            const char *user, fo_channel_kind channel) {
   const char *p[] = {event_id, user, fo_channel_name(channel)};
-  PGresult *r = NULL;
-  int rc;
 
   if (event_id == NULL || user == NULL)
     return FO_ENOENT;
-  rc = query_named(s, "fo_delivery_sent",
+  return query_hit(s, "fo_delivery_sent",
                    "SELECT 1 FROM delivery_log WHERE event_id = $1"
                    " AND user_id = $2 AND channel = $3"
                    " AND status IN ('sent', 'delivered', 'undelivered')",
-                   3, p, true, &r);
-  if (rc != FO_OK)
-    return rc;
-  rc = PQntuples(r) > 0 ? FO_OK : FO_ENOENT;
-  PQclear(r);
-  return rc;
+                   3, p, true);
 }
 
 /* ---- provider feedback (SMS) ---- */
@@ -1230,23 +1214,16 @@ int fo_store_phone_unusable(fo_store *s, const char *user,
                             const char *phone, int64_t at_ms) {
   char at[24];
   const char *p[] = {user, phone, at};
-  PGresult *r = NULL;
-  int rc;
 
   if (!id_ok(user) || phone == NULL)
     return FO_ENOENT;
   snprintf(at, sizeof(at), "%lld", (long long)at_ms);
-  rc = query(s,
-             "WITH u AS (UPDATE users SET sms_unusable_since = "
-             MS_TS("$3") " WHERE id = $1 AND phone = $2"
-             " AND sms_unusable_since IS NULL RETURNING id)"
-             " SELECT pg_notify('fanout_user', u.id) FROM u",
-             3, p, true, &r);
-  if (rc != FO_OK)
-    return rc;
-  rc = PQntuples(r) > 0 ? FO_OK : FO_ENOENT;
-  PQclear(r);
-  return rc;
+  return query_hit(s, NULL,
+                   "WITH u AS (UPDATE users SET sms_unusable_since = "
+                   MS_TS("$3") " WHERE id = $1 AND phone = $2"
+                   " AND sms_unusable_since IS NULL RETURNING id)"
+                   " SELECT pg_notify('fanout_user', u.id) FROM u",
+                   3, p, true);
 }
 
 static json_t *channel_off_apply(const json_t *current, void *arg,
@@ -1297,22 +1274,15 @@ int fo_store_delivery_update_by_provider(fo_store *s,
                                          const char *status,
                                          const char *reason) {
   const char *p[] = {fo_channel_name(channel), provider_id, status, reason};
-  PGresult *r = NULL;
-  int rc;
 
   if ((unsigned)channel >= FO_CH_COUNT || status == NULL ||
       status[0] == '\0')
     return FO_EINVAL;
   if (provider_id == NULL || provider_id[0] == '\0')
     return FO_ENOENT;
-  rc = query(s,
-             "UPDATE delivery_log SET status = $3, reason = $4,"
-             " updated_at = now()"
-             " WHERE channel = $1 AND provider_id = $2",
-             4, p, true, &r);
-  if (rc != FO_OK)
-    return rc;
-  rc = strcmp(PQcmdTuples(r), "0") == 0 ? FO_ENOENT : FO_OK;
-  PQclear(r);
-  return rc;
+  return query_hit(s, NULL,
+                   "UPDATE delivery_log SET status = $3, reason = $4,"
+                   " updated_at = now()"
+                   " WHERE channel = $1 AND provider_id = $2",
+                   4, p, true);
 }
