@@ -114,7 +114,7 @@ $(T)/fake-%: $(T)/obj/tests/fakes/fake_%.o $(T)/obj/tests/fakes/fakehttp.o \
              $(LIB_T)
 	$(CC) $(CFLAGS_T) -o $@ $^ $(LIBS)
 
-$(B)/bench/%: $(B)/obj/bench/%/main.o $(LIB_R)
+$(B)/bench/%: $(B)/obj/bench/%/main.o $(B)/obj/bench/common.o $(LIB_R)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_R) -o $@ $^ $(LIBS)
 

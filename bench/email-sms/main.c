@@ -37,6 +37,7 @@
 #include <curl/curl.h>
 #include <jansson.h>
 
+#include "../common.h"
 #include "dispatch.h"
 #include "fanout/channel.h"
 #include "fanout/common.h"
@@ -110,21 +111,6 @@ static const char *kind_name(bench_kind k) {
 
 /* ---- small helpers ---- */
 
-static void sleep_ms(int ms) {
-  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000};
-
-  nanosleep(&ts, NULL);
-}
-
-static double cpu_self_secs(void) {
-  struct rusage ru;
-
-  if (getrusage(RUSAGE_SELF, &ru) != 0)
-    return 0;
-  return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
-         (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
-}
-
 /* User plus system CPU seconds of another process, from /proc. */
 static double cpu_pid_secs(pid_t pid) {
   char path[64], buf[1024], *p;
@@ -144,24 +130,6 @@ static double cpu_pid_secs(pid_t pid) {
              &ut, &st) != 2)
     return 0;
   return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
-}
-
-/* Busy CPU seconds of the whole machine, from /proc/stat. */
-static double cpu_machine_secs(void) {
-  unsigned long long v[8] = {0};
-  FILE *f = fopen("/proc/stat", "r");
-  int n;
-
-  if (f == NULL)
-    return 0;
-  n = fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0],
-             &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7]);
-  fclose(f);
-  if (n != 8)
-    return 0;
-  /* All but idle and iowait is work. */
-  return (double)(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) /
-         (double)sysconf(_SC_CLK_TCK);
 }
 
 /* ---- the fake provider, a child process ---- */
@@ -332,7 +300,7 @@ static void fake_stop(fake_proc *f) {
         waitpid(f->pid, &status, 0);
         break;
       }
-      sleep_ms(10);
+      bench_sleep_ms(10);
     }
     f->pid = -1;
   }
@@ -733,7 +701,7 @@ static int pipe_feed(pipe_ctx *p, bench_kind kind, long run, long events,
     ev->expires_ms = fo_wall_ms() + ev->ttl_s * 1000;
     atomic_store(&ev->pending, (uint_fast32_t)fo_event_items(ev));
     while ((rc = fo_queue_push(p->q, ev)) == FO_EFULL)
-      sleep_ms(1);
+      bench_sleep_ms(1);
     if (rc != FO_OK) {
       fo_event_free(ev);
       snprintf(err, errlen, "queue push: %s", fo_strerror(rc));
@@ -851,17 +819,17 @@ static int run_once(bench_kind kind, const bench_opts *o, long run,
     goto out;
 
   t0 = fo_now_us();
-  cpu0 = cpu_self_secs();
+  cpu0 = bench_cpu_self_secs();
   fake0 = cpu_pid_secs(f.pid);
-  mach0 = cpu_machine_secs();
+  mach0 = bench_cpu_machine_secs();
   rc = pipe_feed(&p, kind, run, events, recipients, ahead, &r->secs, err,
                  sizeof(err));
   if (rc != FO_OK)
     goto out;
   wall = (double)(fo_now_us() - t0) / 1e6;
-  r->engine_cores = (cpu_self_secs() - cpu0) / wall;
+  r->engine_cores = (bench_cpu_self_secs() - cpu0) / wall;
   r->fake_cores = (cpu_pid_secs(f.pid) - fake0) / wall;
-  r->machine_cores = (cpu_machine_secs() - mach0) / wall;
+  r->machine_cores = (bench_cpu_machine_secs() - mach0) / wall;
   r->engine_us = r->engine_cores * wall * 1e6 / (double)want;
   r->fake_us = r->fake_cores * wall * 1e6 / (double)want;
 
@@ -998,24 +966,8 @@ static void usage(FILE *to) {
           "                          max_inflight, in whole events [2]\n");
 }
 
-static int parse_long(const char *s, long lo, long hi, long *out) {
-  char *end;
-  long v;
-
-  errno = 0;
-  v = strtol(s, &end, 10);
-  if (errno != 0 || end == s || *end != '\0' || v < lo || v > hi)
-    return FO_EINVAL;
-  *out = v;
-  return FO_OK;
-}
-
 static int parse_args(int argc, char **argv, bench_opts *o) {
-  static const struct {
-    const char *flag;
-    size_t off;
-    long lo, hi;
-  } flags[] = {
+  static const bench_flag flags[] = {
       {"--email-events", offsetof(bench_opts, events[BENCH_EMAIL]), 1,
        10000000},
       {"--email-recipients", offsetof(bench_opts, recipients[BENCH_EMAIL]),
@@ -1033,38 +985,10 @@ static int parse_args(int argc, char **argv, bench_opts *o) {
       {"--window", offsetof(bench_opts, window), 1, 100},
   };
 
-  for (int i = 1; i < argc; i++) {
-    size_t f;
-
-    if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
-      usage(stdout);
-      exit(0);
-    }
-    for (f = 0; f < sizeof(flags) / sizeof(flags[0]); f++)
-      if (strcmp(argv[i], flags[f].flag) == 0)
-        break;
-    if (f == sizeof(flags) / sizeof(flags[0]) || i + 1 >= argc ||
-        parse_long(argv[i + 1], flags[f].lo, flags[f].hi,
-                   (long *)((char *)o + flags[f].off)) != FO_OK) {
-      fprintf(stderr, "email-sms: bad argument '%s'\n", argv[i]);
-      usage(stderr);
-      return FO_EINVAL;
-    }
-    i++;
-  }
+  if (bench_parse_flags(argc, argv, flags, sizeof(flags) / sizeof(flags[0]),
+                        o, "email-sms", usage) != FO_OK)
+    return FO_EINVAL;
   return FO_OK;
-}
-
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-
-  return (x > y) - (x < y);
-}
-
-/* Median of `n` values; sorts them in place. */
-static double median_of(double *v, long n) {
-  qsort(v, (size_t)n, sizeof(v[0]), cmp_double);
-  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
 }
 
 /* Sets each figure of *med to its median over the runs. */
@@ -1075,7 +999,7 @@ static void medians(const bench_result *rs, long n, bench_result *med) {
   do {                                                                     \
     for (long i = 0; i < n; i++)                                           \
       v[i] = (double)rs[i].field;                                          \
-    med->field = (type)median_of(v, n);                                    \
+    med->field = (type)bench_median(v, n);                                 \
   } while (0)
 
   BENCH_MEDIAN(deliveries, uint64_t);

@@ -34,6 +34,7 @@
 
 #include <librdkafka/rdkafka.h>
 
+#include "../common.h"
 #include "config.h"
 #include "engine.h"
 #include "fanout/channel.h"
@@ -188,12 +189,6 @@ static void shared_free(bench_shared *sh) {
 
 /* Small helpers */
 
-static void sleep_ms(int ms) {
-  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000};
-
-  nanosleep(&ts, NULL);
-}
-
 /* A "Vm...:" line of /proc/PID/status in kB (pid 0: this process). */
 static long proc_status_kb(pid_t pid, const char *key) {
   char path[64], line[256];
@@ -328,7 +323,7 @@ static bool producer_wait_window(bench_shared *sh, rd_kafka_t *rk,
     if (atomic_load(&sh->abort))
       return false;
     rd_kafka_poll(rk, 0);
-    sleep_ms(1);
+    bench_sleep_ms(1);
   }
 }
 
@@ -447,7 +442,7 @@ static _Noreturn void broker_main(const bench_opts *o,
 
   sh->producer_rc = produce_all(o, sh, topics[0]);
   while (!atomic_load(&sh->finish) && !atomic_load(&sh->abort))
-    sleep_ms(10);
+    bench_sleep_ms(10);
   if (getrusage(RUSAGE_SELF, &ru) == 0)
     sh->broker_peak_rss_kb = ru.ru_maxrss;
   fo_kmock_stop(mock);
@@ -502,7 +497,7 @@ static int watch_run(bench_shared *sh, pid_t broker, bench_result *r) {
                sh->error[0] ? ": " : "", sh->error);
       return FO_ETIMEDOUT;
     }
-    sleep_ms(BENCH_TICK_MS);
+    bench_sleep_ms(BENCH_TICK_MS);
   }
 }
 
@@ -547,7 +542,7 @@ static int broker_start(const bench_opts *o, const fo_config *cfg,
       snprintf(err, errlen, "broker process did not start");
       return FO_ETIMEDOUT;
     }
-    sleep_ms(5);
+    bench_sleep_ms(5);
   }
   if (atomic_load(&sh->broker_state) < 0) {
     snprintf(err, errlen, "%s", sh->error);
@@ -695,24 +690,8 @@ static void usage(FILE *to) {
           "  --partitions N  partitions of the topic [4]\n");
 }
 
-static int parse_long(const char *s, long lo, long hi, long *out) {
-  char *end;
-  long v;
-
-  errno = 0;
-  v = strtol(s, &end, 10);
-  if (errno != 0 || end == s || *end != '\0' || v < lo || v > hi)
-    return FO_EINVAL;
-  *out = v;
-  return FO_OK;
-}
-
 static int parse_args(int argc, char **argv, bench_opts *o) {
-  static const struct {
-    const char *flag;
-    size_t off;
-    long lo, hi;
-  } flags[] = {
+  static const bench_flag flags[] = {
       {"--events", offsetof(bench_opts, events), 1, 100000000},
       {"--users", offsetof(bench_opts, users), 1, 10000},
       {"--runs", offsetof(bench_opts, runs), 1, 99},
@@ -721,25 +700,9 @@ static int parse_args(int argc, char **argv, bench_opts *o) {
       {"--partitions", offsetof(bench_opts, partitions), 1, 64},
   };
 
-  for (int i = 1; i < argc; i++) {
-    size_t f;
-
-    if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
-      usage(stdout);
-      exit(0);
-    }
-    for (f = 0; f < sizeof(flags) / sizeof(flags[0]); f++)
-      if (strcmp(argv[i], flags[f].flag) == 0)
-        break;
-    if (f == sizeof(flags) / sizeof(flags[0]) || i + 1 >= argc ||
-        parse_long(argv[i + 1], flags[f].lo, flags[f].hi,
-                   (long *)((char *)o + flags[f].off)) != FO_OK) {
-      fprintf(stderr, "pipeline: bad argument '%s'\n", argv[i]);
-      usage(stderr);
-      return FO_EINVAL;
-    }
-    i++;
-  }
+  if (bench_parse_flags(argc, argv, flags, sizeof(flags) / sizeof(flags[0]),
+                        o, "pipeline", usage) != FO_OK)
+    return FO_EINVAL;
   return FO_OK;
 }
 
@@ -815,18 +778,6 @@ static void run_child(const bench_opts *o, bench_result *r) {
   }
 }
 
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-
-  return (x > y) - (x < y);
-}
-
-/* Median of `n` values; sorts them in place. */
-static double median_of(double *v, long n) {
-  qsort(v, (size_t)n, sizeof(v[0]), cmp_double);
-  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
 /* Sets each figure of *med to its median over the runs. */
 static void medians(const bench_result *rs, long n, bench_result *med) {
   double v[99];
@@ -835,7 +786,7 @@ static void medians(const bench_result *rs, long n, bench_result *med) {
   do {                                                                     \
     for (long i = 0; i < n; i++)                                           \
       v[i] = (double)rs[i].field;                                          \
-    med->field = (type)median_of(v, n);                                    \
+    med->field = (type)bench_median(v, n);                                 \
   } while (0)
 
   BENCH_MEDIAN(secs, double);

@@ -38,6 +38,7 @@
 #include <hiredis/hiredis.h>
 #include <libpq-fe.h>
 
+#include "../common.h"
 #include "dispatch.h"
 #include "fanout/channel.h"
 #include "fanout/common.h"
@@ -48,6 +49,7 @@
 #include "policy.h"
 #include "queue.h"
 #include "store.h"
+#include "urlenc.h"
 
 #define BENCH_TARGET_PER_S 300000.0
 #define BENCH_TARGET_P99_US 1000
@@ -145,40 +147,6 @@ typedef struct check_result {
 } check_result;
 
 /* ---- small helpers ---- */
-
-static void sleep_ms(int ms) {
-  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000};
-
-  nanosleep(&ts, NULL);
-}
-
-static double cpu_self_secs(void) {
-  struct rusage ru;
-
-  if (getrusage(RUSAGE_SELF, &ru) != 0)
-    return 0;
-  return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
-         (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
-}
-
-/* Busy CPU seconds of the whole machine, from /proc/stat. */
-static double cpu_machine_secs(void) {
-  unsigned long long v[8] = {0};
-  FILE *f = fopen("/proc/stat", "r");
-  int n;
-
-  if (f == NULL)
-    return 0;
-  n = fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0],
-             &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7]);
-  fclose(f);
-  if (n != 8)
-    return 0;
-  /* user nice system idle iowait irq softirq steal: all but idle and
-   * iowait is work. */
-  return (double)(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) /
-         (double)sysconf(_SC_CLK_TCK);
-}
 
 /*
  * CPU seconds of every process named `comm` on this machine (0 when
@@ -299,22 +267,16 @@ static int env_load(bench_env *e) {
 
 /* ---- Redis, for server figures and clean-up ---- */
 
-/* Decodes %XX escapes of a URL part in place. */
+/* Decodes %XX escapes of a URL part in place (decoding never makes it
+ * longer); a part with a malformed escape is left as it is. */
 static void url_unescape(char *s) {
-  char *w = s;
+  int rc;
+  char *d = fo_url_unescape(s, strlen(s), false, &rc);
 
-  for (; *s != '\0'; s++) {
-    if (s[0] == '%' && isxdigit((unsigned char)s[1]) &&
-        isxdigit((unsigned char)s[2])) {
-      char hex[3] = {s[1], s[2], '\0'};
-
-      *w++ = (char)strtol(hex, NULL, 16);
-      s += 2;
-    } else {
-      *w++ = *s;
-    }
+  if (d != NULL) {
+    memcpy(s, d, strlen(d) + 1);
+    free(d);
   }
-  *w = '\0';
 }
 
 /* A connection of the bench's own to the URL's server and database;
@@ -613,8 +575,8 @@ static void snapshot(redisContext *rc, msnap *s) {
   s->dlog_written = counter("fanout_delivery_log_written_total");
   s->dlog_dropped = counter("fanout_delivery_log_dropped_total");
   redis_snapshot(rc, &s->redis);
-  s->cpu_self = cpu_self_secs();
-  s->cpu_machine = cpu_machine_secs();
+  s->cpu_self = bench_cpu_self_secs();
+  s->cpu_machine = bench_cpu_machine_secs();
   s->cpu_pg = cpu_comm_secs("postgres");
   s->at_us = fo_now_us();
 }
@@ -964,7 +926,7 @@ static int pipe_feed(pipe_ctx *p, const feed *f, double *secs, char *err,
     ev->expires_ms = fo_wall_ms() + ev->ttl_s * 1000;
     atomic_store(&ev->pending, (uint_fast32_t)fo_event_items(ev));
     while ((rc = fo_queue_push(p->q, ev)) == FO_EFULL)
-      sleep_ms(1);
+      bench_sleep_ms(1);
     if (rc != FO_OK) {
       fo_event_free(ev);
       snprintf(err, errlen, "queue push: %s", fo_strerror(rc));
@@ -1649,24 +1611,8 @@ static void usage(FILE *to) {
           "  --window N      most events queued ahead of completion [8]\n");
 }
 
-static int parse_long(const char *s, long lo, long hi, long *out) {
-  char *end;
-  long v;
-
-  errno = 0;
-  v = strtol(s, &end, 10);
-  if (errno != 0 || end == s || *end != '\0' || v < lo || v > hi)
-    return FO_EINVAL;
-  *out = v;
-  return FO_OK;
-}
-
 static int parse_args(int argc, char **argv, bench_opts *o) {
-  static const struct {
-    const char *flag;
-    size_t off;
-    long lo, hi;
-  } flags[] = {
+  static const bench_flag flags[] = {
       {"--users", offsetof(bench_opts, users), 1, 10000000},
       {"--events", offsetof(bench_opts, events), 1, 100000000},
       {"--recipients", offsetof(bench_opts, recipients), 1, 10000},
@@ -1675,42 +1621,14 @@ static int parse_args(int argc, char **argv, bench_opts *o) {
       {"--window", offsetof(bench_opts, window), 1, 4096},
   };
 
-  for (int i = 1; i < argc; i++) {
-    size_t f;
-
-    if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
-      usage(stdout);
-      exit(0);
-    }
-    for (f = 0; f < sizeof(flags) / sizeof(flags[0]); f++)
-      if (strcmp(argv[i], flags[f].flag) == 0)
-        break;
-    if (f == sizeof(flags) / sizeof(flags[0]) || i + 1 >= argc ||
-        parse_long(argv[i + 1], flags[f].lo, flags[f].hi,
-                   (long *)((char *)o + flags[f].off)) != FO_OK) {
-      fprintf(stderr, "policy: bad argument '%s'\n", argv[i]);
-      usage(stderr);
-      return FO_EINVAL;
-    }
-    i++;
-  }
+  if (bench_parse_flags(argc, argv, flags, sizeof(flags) / sizeof(flags[0]),
+                        o, "policy", usage) != FO_OK)
+    return FO_EINVAL;
   if (o->recipients > o->users) {
     fprintf(stderr, "policy: --recipients must not exceed --users\n");
     return FO_EINVAL;
   }
   return FO_OK;
-}
-
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-
-  return (x > y) - (x < y);
-}
-
-/* Median of `n` values; sorts them in place. */
-static double median_of(double *v, long n) {
-  qsort(v, (size_t)n, sizeof(v[0]), cmp_double);
-  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
 }
 
 /* Sets each figure of *med to its median over the runs. */
@@ -1721,7 +1639,7 @@ static void medians(const bench_result *rs, long n, bench_result *med) {
   do {                                                                     \
     for (long i = 0; i < n; i++)                                           \
       v[i] = (double)rs[i].field;                                          \
-    med->field = (type)median_of(v, n);                                    \
+    med->field = (type)bench_median(v, n);                                 \
   } while (0)
 
   BENCH_MEDIAN(secs, double);
